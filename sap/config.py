@@ -1,0 +1,379 @@
+"""Validated configuration: YAML files checked against a typed schema.
+
+Every stage receives one :class:`Config` object. YAML files are parsed into the dataclasses
+below; unknown keys and values of the wrong type are errors that list every offending key
+(SPEC §1, §13), never silently merged into defaults. ``--set a.b=c`` overrides one key, with the
+value parsed as YAML so ``--set finetune.max_steps=20`` gives an int.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sap.errors import SapError
+
+PRESETS = ("tiny", "demo", "paper")
+
+
+@dataclass
+class DataConfig:
+    """Where the cohort lives and how images are read and normalised (SPEC §2)."""
+
+    root: str | None = None  #: cohort folder (``--data``)
+    healthy: str | None = None  #: healthy cases; default ``ROOT/healthy``
+    patients: str | None = None  #: patient cases; default ``ROOT/patients``
+    layout: str = "auto"  #: auto | case_folders | nnunet | datalist
+    label_kind: str = "lesions"  #: what nnU-Net/datalist labels hold: lesions | skeleton
+    modality: str = "mr"  #: mr | ct
+    channels: list[str] = field(default_factory=lambda: ["T1", "b1000"])
+    resample_channels: bool = False  #: resample channels/labels onto the first channel's grid
+    binarize: bool = False  #: accept any non-zero lesion value as lesion
+    normalization: str = "percentile"  #: percentile | zscore | ct_window
+    percentiles: list[float] = field(default_factory=lambda: [1.0, 99.0])
+    ct_window: list[float] = field(default_factory=lambda: [-1000.0, 2000.0])
+    target_spacing: list[float] | None = None  #: mm, array axis order; None keeps the source spacing
+    n4: bool = False  #: N4 bias-field correction (SimpleITK) before normalisation
+    cache_dir: str | None = None  #: default ``ROOT/.sap_cache``
+
+
+@dataclass
+class ModelConfig:
+    """Swin UNETR settings (SPEC §5)."""
+
+    feature_size: int = 48
+    patch_size: list[int] = field(default_factory=lambda: [96, 96, 96])
+    drop_rate: float = 0.1
+    attn_drop_rate: float = 0.1
+    dropout_path_rate: float = 0.1
+    use_checkpoint: bool = False  #: gradient checkpointing (saves GPU memory)
+    patch_merging: str = "auto"  #: auto | legacy | current
+    encoder_patterns: list[str] = field(default_factory=lambda: ["swinViT.", "encoder"])
+
+
+@dataclass
+class SSLConfig:
+    """Tang et al. 2022 self-supervised baseline (SPEC §6)."""
+
+    temperature: float = 0.5
+    mask_ratio: float = 0.3  #: at most this fraction of a crop is dropped
+    mask_block_fraction: float = 0.25  #: a block spans at most this fraction of each axis
+    crops_per_batch: int = 2  #: crops per batch; each gives two views
+
+
+@dataclass
+class PretrainConfig:
+    lr: float = 1e-5
+    weight_decay: float = 1e-5
+    max_steps: int = 10000
+    warmup_fraction: float = 0.025
+    val_every_steps: int = 500
+    batch_size: int = 2
+    val_fraction: float = 0.11
+    num_workers: int = 0
+    amp: bool = True  #: used only on a GPU
+    seed: int = 42
+    ssl: SSLConfig = field(default_factory=SSLConfig)
+
+
+@dataclass
+class FinetuneConfig:
+    lr_scratch: float = 1e-5
+    lr_ssl_encoder: float = 5e-6
+    lr_ssl_decoder: float = 1e-5
+    lr_sap_encoder: float = 2e-6
+    lr_sap_decoder: float = 1e-5
+    weight_decay: float = 1e-5
+    max_steps: int = 20000
+    warmup_fraction: float = 0.025
+    val_every_steps: int = 1000
+    batch_size: int = 2
+    sampler: str = "instance"  #: instance | posneg
+    neg_ratio: float = 1.0
+    val_fraction: float = 0.1
+    num_workers: int = 0
+    amp: bool = True
+    seed: int = 42
+
+
+@dataclass
+class InferConfig:
+    overlap: float = 0.5
+    sw_batch_size: int = 2
+    tta: bool = False
+    threshold: float | None = None  #: None uses the checkpoint's threshold
+    min_volume_ml: float | None = None
+    amp: bool = True
+
+
+@dataclass
+class EvaluateConfig:
+    threshold: float = 0.5
+    t_min: float = 0.05
+    tolerance_mm: float = 2.0
+    connectivity: int = 26
+    min_volume_ml: float = 0.0
+    froc: str = "candidate"  #: candidate | sweep
+    volume_threshold_ml: float = 1.0
+    n_bootstrap: int = 1000
+    seed: int = 0
+    workers: int = 1
+
+
+@dataclass
+class TuningConfig:
+    grid: list[float] = field(default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 20)])
+    objective: str = "mean_f2"  #: mean_f2 | pooled_f2
+    tune_min_volume: bool = False
+    min_volume_ml_grid: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.25, 0.5, 1.0])
+
+
+@dataclass
+class CVConfig:
+    k: int = 7
+    methods: list[str] = field(default_factory=lambda: ["baseline", "ssl", "sap"])
+    checkpoint: str = "last"  #: last | best
+    threshold: str = "shared"  #: shared | per_fold
+    tuning_in_training: bool = True
+    seed: int = 42
+
+
+@dataclass
+class Config:
+    """The whole resolved configuration of a run."""
+
+    scale: str = "paper"  #: tiny | demo | paper (stated in reports)
+    out: str | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    tuning: TuningConfig = field(default_factory=TuningConfig)
+    cv: CVConfig = field(default_factory=CVConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def hash(self, exclude: tuple[str, ...] = ("out",)) -> str:
+        """Stable hash of the settings that change results (paths excluded)."""
+        content = {k: v for k, v in self.to_dict().items() if k not in exclude}
+        content["data"] = {k: v for k, v in content["data"].items() if k not in ("root", "cache_dir")}
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class ConfigError(SapError):
+    """A configuration file or override does not fit the schema."""
+
+
+# ----------------------------------------------------------------------------------- validation
+def _type_ok(value: Any, annotation: Any) -> tuple[bool, Any]:
+    """Check ``value`` against a type annotation; return (ok, coerced value)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            ok, coerced = _type_ok(value, arg)
+            if ok:
+                return True, coerced
+        return False, value
+    if annotation is type(None):
+        return value is None, value
+    if origin is list:
+        if not isinstance(value, list):
+            return False, value
+        (item_type,) = typing.get_args(annotation)
+        out = []
+        for item in value:
+            ok, coerced = _type_ok(item, item_type)
+            if not ok:
+                return False, value
+            out.append(coerced)
+        return True, out
+    if annotation is bool:
+        return isinstance(value, bool), value
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    if annotation is str:
+        return isinstance(value, str), value
+    return isinstance(value, annotation), value
+
+
+def _type_name(annotation: Any) -> str:
+    return str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str, problems: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    if not isinstance(raw, dict):
+        problems.append(f"{prefix.rstrip('.') or '<root>'}: expected a mapping, got {type(raw).__name__}")
+        return cls()
+    for key, value in raw.items():
+        if key not in hints:
+            problems.append(f"{prefix}{key}: unknown key")
+            continue
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[key] = _build(annotation, value, f"{prefix}{key}.", problems)
+            continue
+        ok, coerced = _type_ok(value, annotation)
+        if not ok:
+            problems.append(f"{prefix}{key}: expected {_type_name(annotation)}, got {value!r}")
+            continue
+        kwargs[key] = coerced
+    return cls(**kwargs)
+
+
+_CHOICES = {
+    "scale": PRESETS,
+    "data.layout": ("auto", "case_folders", "nnunet", "datalist"),
+    "data.label_kind": ("lesions", "skeleton"),
+    "data.modality": ("mr", "ct"),
+    "data.normalization": ("percentile", "zscore", "ct_window", "none"),
+    "model.patch_merging": ("auto", "legacy", "current"),
+    "finetune.sampler": ("instance", "posneg"),
+    "evaluate.froc": ("candidate", "sweep"),
+    "evaluate.connectivity": (6, 18, 26),
+    "tuning.objective": ("mean_f2", "pooled_f2"),
+    "cv.checkpoint": ("last", "best"),
+    "cv.threshold": ("shared", "per_fold"),
+}
+
+
+def _check_choices(cfg: Config, problems: list[str]) -> None:
+    for dotted, allowed in _CHOICES.items():
+        obj: Any = cfg
+        for part in dotted.split("."):
+            obj = getattr(obj, part)
+        if obj not in allowed:
+            problems.append(f"{dotted}: {obj!r} is not one of {', '.join(map(str, allowed))}")
+    if len(cfg.model.patch_size) != 3 or any(p % 32 for p in cfg.model.patch_size):
+        problems.append(f"model.patch_size: {cfg.model.patch_size} must be three sizes divisible by 32")
+    if cfg.model.feature_size % 12:
+        problems.append(f"model.feature_size: {cfg.model.feature_size} must be a multiple of 12")
+    if cfg.cv.k < 3:
+        problems.append(f"cv.k: {cfg.cv.k} must be at least 3 (tuning fold + two test folds)")
+    for name in cfg.cv.methods:
+        if name not in ("baseline", "scratch", "ssl", "sap"):
+            problems.append(f"cv.methods: {name!r} is not one of baseline, scratch, ssl, sap")
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<config>") -> Config:
+    """Build a validated :class:`Config`; raise :class:`ConfigError` listing every problem."""
+    problems: list[str] = []
+    cfg = _build(Config, raw or {}, "", problems)
+    if not problems:
+        _check_choices(cfg, problems)
+    if problems:
+        raise ConfigError(f"{source}: invalid config: " + "; ".join(problems))
+    return cfg
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"a.b=c"`` → ``("a.b", yaml-parsed c)``."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. finetune.max_steps=20")
+    key, value = text.split("=", 1)
+    try:
+        parsed = yaml.safe_load(value) if value != "" else None
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def preset_path(name: str) -> Path:
+    """Path of a configuration shipped inside the package (``tiny``, ``demo``, ``paper``)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return Path(str(resources.files("sap") / "configs" / f"{name}.yaml"))
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a config must be a YAML mapping")
+    return raw or {}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (a file path or a preset name; default ``paper``) plus ``--set`` overrides."""
+    if path is None:
+        path = preset_path("paper")
+    elif str(path) in PRESETS and not Path(str(path)).exists():
+        path = preset_path(str(path))
+    raw = read_yaml(path)
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(raw, key, value)
+    return config_from_dict(raw, source=str(path))
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    """Write the resolved config (atomically) so every output says how it was made."""
+    from sap.data.io import atomic_write_text
+
+    return atomic_write_text(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------------- CLI helpers
+def add_config_arguments(parser: Any, data: bool = True, out: bool = True) -> None:
+    """The options every configurable command shares: ``--config``, ``--set``, ``--data``, ``--out``."""
+    parser.add_argument(
+        "--config",
+        default="paper",
+        help="YAML config file, or a shipped preset name (tiny, demo, paper)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. --set finetune.max_steps=20 (repeatable)",
+    )
+    if data:
+        parser.add_argument("--data", default=None, help="cohort folder (overrides data.root)")
+    if out:
+        parser.add_argument("--out", default=None, help="run folder for outputs (overrides out)")
+
+
+def config_from_args(args: Any) -> Config:
+    """Resolve ``--config``/``--set``/``--data``/``--out`` into a validated config."""
+    overrides = list(getattr(args, "overrides", []) or [])
+    cfg = load_config(args.config, overrides)
+    if getattr(args, "data", None):
+        cfg.data.root = str(args.data)
+    if getattr(args, "out", None):
+        cfg.out = str(args.out)
+    return cfg

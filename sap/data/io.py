@@ -1,0 +1,346 @@
+"""Image reading and writing: one reader, one writer, canonical arrays, source geometry kept.
+
+Every image enters sap through :func:`read_image` and leaves through :func:`write_image`.
+
+* Reading uses SimpleITK, so NIfTI, NRRD, MHA and DICOM series folders all work.
+* Arrays are held in nibabel's canonical RAS+ orientation (index along axis 0 increases towards
+  the patient's Right, axis 1 towards Anterior, axis 2 towards Superior), the same array
+  :func:`nibabel.as_closest_canonical` gives; ``spacing`` is in that array's axis order
+  (SimpleITK reports spacing in x, y, z order of its own axes, which a reorientation permutes).
+* Writing maps the array back to the source grid (orientation, spacing, origin, direction), so a
+  prediction overlays the input in any viewer.
+* Writes are atomic (temporary name, then rename) and deterministic: the same array and geometry
+  give byte-identical files (SimpleITK's gzip header carries no time stamp).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+
+from sap.errors import SapError
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where the voxels of a source image lie: enough to write an array back onto that grid.
+
+    ``size``, ``spacing``, ``origin`` and ``direction`` are SimpleITK's (x, y, z order, LPS world).
+    ``ornt`` is the nibabel orientation transform from the source array (x, y, z index order)
+    to the canonical RAS+ array.
+    """
+
+    size: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]
+    ornt: tuple[tuple[float, float], ...]
+
+    @property
+    def source_affine_ras(self) -> np.ndarray:
+        """Voxel (x, y, z source index) → RAS world millimetres."""
+        direction = np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
+        affine = np.eye(4)
+        affine[:3, :3] = direction * np.asarray(self.spacing)[None, :]
+        affine[:3, 3] = self.origin
+        return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine  # LPS → RAS
+
+    @property
+    def canonical_shape(self) -> tuple[int, int, int]:
+        ornt = np.asarray(self.ornt)
+        shape = [0, 0, 0]
+        for src_axis, (dst_axis, _) in enumerate(ornt):
+            shape[int(dst_axis)] = self.size[src_axis]
+        return tuple(shape)  # type: ignore[return-value]
+
+    @property
+    def affine(self) -> np.ndarray:
+        """Canonical array index → RAS world millimetres (what nibabel's canonical image holds)."""
+        inv = nib.orientations.inv_ornt_aff(np.asarray(self.ornt), self.size)
+        return self.source_affine_ras @ inv
+
+    @property
+    def canonical_spacing(self) -> tuple[float, float, float]:
+        return tuple(float(s) for s in np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)))  # type: ignore
+
+    @property
+    def axcodes(self) -> str:
+        """Orientation of the source image, e.g. ``"LPS"`` (nibabel's convention: RAS = +x is Right)."""
+        return "".join(nib.orientations.aff2axcodes(self.source_affine_ras))
+
+    def same_grid(self, other: Geometry, tol: float = 1e-3) -> str | None:
+        """Name the first field that differs from ``other`` (None when the grids agree)."""
+        if self.size != other.size:
+            return f"size {self.size} vs {other.size}"
+        for name in ("spacing", "origin", "direction"):
+            a, b = np.asarray(getattr(self, name)), np.asarray(getattr(other, name))
+            if np.max(np.abs(a - b)) > tol:
+                fmt = lambda v: "(" + ", ".join(f"{x:.4g}" for x in v) + ")"  # noqa: E731
+                return f"{name} {fmt(a)} vs {fmt(b)}"
+        return None
+
+    def voxel_to_lps(self, ijk: np.ndarray) -> np.ndarray:
+        """Canonical array indices (N, 3) → LPS world millimetres (N, 3)."""
+        ijk = np.atleast_2d(np.asarray(ijk, dtype=np.float64))
+        ras = ijk @ self.affine[:3, :3].T + self.affine[:3, 3]
+        return ras * np.array([-1.0, -1.0, 1.0])
+
+
+@dataclass
+class Image:
+    """A canonical (RAS+) array with its spacing (array axis order, mm) and source geometry."""
+
+    array: np.ndarray
+    geometry: Geometry
+    path: str = ""
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return self.geometry.canonical_spacing
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        return float(np.prod(self.spacing)) / 1000.0
+
+
+def _canonical_ornt(direction: np.ndarray, spacing: np.ndarray, origin: np.ndarray) -> np.ndarray:
+    affine = np.eye(4)
+    affine[:3, :3] = direction.reshape(3, 3) * spacing[None, :]
+    affine[:3, 3] = origin
+    affine_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+    current = nib.orientations.io_orientation(affine_ras)
+    return nib.orientations.ornt_transform(current, nib.orientations.axcodes2ornt("RAS"))
+
+
+def _dicom_series(folder: Path) -> list[str]:
+    reader = sitk.ImageSeriesReader()
+    series_ids = reader.GetGDCMSeriesIDs(str(folder))
+    if not series_ids:
+        raise SapError(f"{folder}: folder holds no DICOM series")
+    # The series with the most files is the image; others are often localisers.
+    files = max((reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series_ids), key=len)
+    return list(files)
+
+
+def read_sitk(path: str | Path) -> sitk.Image:
+    """Read a file or DICOM series folder with SimpleITK; errors name the file."""
+    path = Path(path)
+    if not path.exists():
+        raise SapError(f"{path}: file not found")
+    try:
+        if path.is_dir():
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames(_dicom_series(path))
+            image = reader.Execute()
+        else:
+            image = sitk.ReadImage(str(path))
+    except SapError:
+        raise
+    except Exception as exc:  # SimpleITK raises RuntimeError with multi-line ITK text
+        reason = str(exc).strip().splitlines()
+        short = next((line for line in reversed(reason) if line.strip()), "unknown reason")
+        raise SapError(f"{path}: cannot read image ({short.strip()[:160]})") from exc
+    if image.GetDimension() != 3:
+        raise SapError(f"{path}: expected a 3D image, got {image.GetDimension()}D")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise SapError(f"{path}: expected a scalar image, got {image.GetNumberOfComponentsPerPixel()} components")
+    return image
+
+
+def geometry_of(image: sitk.Image) -> Geometry:
+    spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
+    origin = np.asarray(image.GetOrigin(), dtype=np.float64)
+    direction = np.asarray(image.GetDirection(), dtype=np.float64)
+    ornt = _canonical_ornt(direction, spacing, origin)
+    return Geometry(
+        size=tuple(int(s) for s in image.GetSize()),  # type: ignore[arg-type]
+        spacing=tuple(float(s) for s in spacing),  # type: ignore[arg-type]
+        origin=tuple(float(o) for o in origin),  # type: ignore[arg-type]
+        direction=tuple(float(d) for d in direction),
+        ornt=tuple((float(a), float(f)) for a, f in ornt),
+    )
+
+
+def to_canonical(source_xyz: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Source array in (x, y, z) index order → canonical RAS+ array (a view where possible)."""
+    return nib.orientations.apply_orientation(source_xyz, np.asarray(geometry.ornt))
+
+
+def from_canonical(canonical: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Inverse of :func:`to_canonical`."""
+    inverse = nib.orientations.ornt_transform(
+        nib.orientations.axcodes2ornt("RAS"), _source_ornt(geometry)
+    )
+    return nib.orientations.apply_orientation(canonical, inverse)
+
+
+def _source_ornt(geometry: Geometry) -> np.ndarray:
+    return nib.orientations.io_orientation(geometry.source_affine_ras)
+
+
+def read_image(path: str | Path, dtype: np.dtype | type | None = None) -> Image:
+    """Read any supported image into a canonical RAS+ array.
+
+    Raises :class:`SapError` naming the file when it is missing, unreadable or not 3D scalar.
+    ``dtype`` converts the array (labels are usually read as-is and checked by the caller).
+    """
+    image = read_sitk(path)
+    geometry = geometry_of(image)
+    try:
+        source_zyx = sitk.GetArrayFromImage(image)
+    except Exception as exc:  # truncated payloads can fail only here
+        raise SapError(f"{path}: cannot read image data ({exc})") from exc
+    canonical = to_canonical(source_zyx.transpose(2, 1, 0), geometry)
+    canonical = np.ascontiguousarray(canonical if dtype is None else canonical.astype(dtype, copy=False))
+    return Image(array=canonical, geometry=geometry, path=str(path))
+
+
+def read_geometry(path: str | Path) -> Geometry:
+    """Header-only geometry of a file (fast: no voxel data decoded), or a DICOM series."""
+    path = Path(path)
+    if path.is_dir():
+        return geometry_of(read_sitk(path))
+    if not path.exists():
+        raise SapError(f"{path}: file not found")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except Exception as exc:
+        raise SapError(f"{path}: cannot read image header") from exc
+    if reader.GetDimension() != 3:
+        raise SapError(f"{path}: expected a 3D image, got {reader.GetDimension()}D")
+    spacing = np.asarray(reader.GetSpacing())
+    origin = np.asarray(reader.GetOrigin())
+    direction = np.asarray(reader.GetDirection())
+    ornt = _canonical_ornt(direction, spacing, origin)
+    return Geometry(
+        size=tuple(int(s) for s in reader.GetSize()),  # type: ignore[arg-type]
+        spacing=tuple(float(s) for s in spacing),  # type: ignore[arg-type]
+        origin=tuple(float(o) for o in origin),  # type: ignore[arg-type]
+        direction=tuple(float(d) for d in direction),
+        ornt=tuple((float(a), float(f)) for a, f in ornt),
+    )
+
+
+def _temporary_sibling(path: Path) -> Path:
+    suffix = next((s for s in IMAGE_SUFFIXES if path.name.endswith(s)), path.suffix)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def check_writable(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise SapError(f"{path}: output exists; pass --overwrite to replace it")
+
+
+def write_image(
+    array: np.ndarray,
+    geometry: Geometry,
+    path: str | Path,
+    overwrite: bool = True,
+    compress: bool = True,
+) -> Path:
+    """Write a canonical array onto its source grid, atomically and deterministically.
+
+    The array must have the canonical shape of ``geometry``. bool arrays are written as uint8.
+    """
+    path = Path(path)
+    check_writable(path, overwrite)
+    if tuple(array.shape) != tuple(geometry.canonical_shape):
+        raise SapError(f"{path}: array shape {array.shape} does not fit the grid {geometry.canonical_shape}")
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    source_xyz = from_canonical(array, geometry)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(source_xyz.transpose(2, 1, 0)))
+    image.SetSpacing(geometry.spacing)
+    image.SetOrigin(geometry.origin)
+    image.SetDirection(geometry.direction)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_sibling(path)
+    try:
+        sitk.WriteImage(image, str(tmp), useCompression=compress)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def make_geometry(
+    shape: tuple[int, int, int],
+    spacing: tuple[float, float, float],
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    axcodes: str = "LPS",
+) -> Geometry:
+    """A geometry for arrays we create (synthetic cohorts): canonical ``shape`` and ``spacing``.
+
+    ``axcodes`` is the orientation written to disk (``"LPS"`` is the identity direction in ITK).
+    """
+    ornt_target = nib.orientations.axcodes2ornt(axcodes)  # source axis → (RAS axis, flip)
+    size = [0, 0, 0]
+    src_spacing = [0.0, 0.0, 0.0]
+    direction = np.zeros((3, 3))
+    for src_axis, (ras_axis, flip) in enumerate(ornt_target):
+        ras_axis = int(ras_axis)
+        size[src_axis] = shape[ras_axis]
+        src_spacing[src_axis] = spacing[ras_axis]
+        lps_sign = -1.0 if ras_axis < 2 else 1.0  # RAS → LPS flips x and y
+        direction[ras_axis, src_axis] = flip * lps_sign
+    image = sitk.Image([int(s) for s in size], sitk.sitkUInt8)
+    image.SetSpacing([float(s) for s in src_spacing])
+    image.SetOrigin([float(o) for o in origin])
+    image.SetDirection(direction.flatten().tolist())
+    return geometry_of(image)
+
+
+def atomic_write_text(path: Path, text: str, overwrite: bool = True) -> Path:
+    """Write text through a temporary sibling and a rename (no half-written files)."""
+    path = Path(path)
+    check_writable(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def atomic_save_npy(path: Path, array: np.ndarray) -> Path:
+    """``numpy.save`` through a temporary sibling and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.npy", dir=path.parent)
+    os.close(fd)
+    try:
+        np.save(tmp, array)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Image files directly inside ``folder`` (sorted)."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(IMAGE_SUFFIXES))
+
+
+def strip_image_suffix(name: str) -> str:
+    for suffix in IMAGE_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
