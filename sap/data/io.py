@@ -77,14 +77,22 @@ class Geometry:
         return "".join(nib.orientations.aff2axcodes(self.source_affine_ras))
 
     def same_grid(self, other: Geometry, tol: float = 1e-3) -> str | None:
-        """Name the first field that differs from ``other`` (None when the grids agree)."""
-        if self.size != other.size:
-            return f"size {self.size} vs {other.size}"
-        for name in ("spacing", "origin", "direction"):
-            a, b = np.asarray(getattr(self, name)), np.asarray(getattr(other, name))
-            if np.max(np.abs(a - b)) > tol:
-                fmt = lambda v: "(" + ", ".join(f"{x:.4g}" for x in v) + ")"  # noqa: E731
-                return f"{name} {fmt(a)} vs {fmt(b)}"
+        """Name the first field that differs from ``other`` (None when the grids agree).
+
+        Grids are compared in canonical space, so a label stored with flipped axes over the
+        same voxels (e.g. LAS beside an LPS DICOM series) is the same grid.
+        """
+        fmt = lambda v: "(" + ", ".join(f"{x:.4g}" for x in v) + ")"  # noqa: E731
+        if self.canonical_shape != other.canonical_shape:
+            return f"size {self.canonical_shape} vs {other.canonical_shape}"
+        a, b = self.affine, other.affine
+        spacing_a, spacing_b = np.asarray(self.canonical_spacing), np.asarray(other.canonical_spacing)
+        if np.max(np.abs(spacing_a - spacing_b)) > tol:
+            return f"spacing {fmt(spacing_a)} vs {fmt(spacing_b)}"
+        if np.max(np.abs(a[:3, :3] / spacing_a - b[:3, :3] / spacing_b)) > tol:
+            return f"direction {fmt(np.asarray(self.direction))} vs {fmt(np.asarray(other.direction))}"
+        if np.max(np.abs(a[:3, 3] - b[:3, 3])) > tol:
+            return f"origin {fmt(self.origin)} vs {fmt(other.origin)}"
         return None
 
     def voxel_to_lps(self, ijk: np.ndarray) -> np.ndarray:

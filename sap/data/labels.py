@@ -201,3 +201,22 @@ def check_lesion_mask(array: np.ndarray, source: str, binarize: bool = False) ->
         shown = ", ".join(f"{v:g}" for v in bad[:8])
         raise SapError(f"{source}: lesion mask is not binary: values {shown} (use --binarize for {{0,255}} or instance maps)")
     return array.astype(np.uint8)
+
+
+def read_label_map(path: str | Path):
+    """Read any label map (integer values, possibly stored as float64) as a canonical int array.
+
+    Returns a :class:`sap.data.io.Image` whose array is int32. Non-integer or non-finite values are
+    errors naming the file.
+    """
+    from sap.data.io import read_image
+
+    image = read_image(path)
+    array = image.array
+    if not np.all(np.isfinite(array)):
+        raise SapError(f"{path}: label map holds NaN/Inf voxels")
+    as_int = np.rint(array).astype(np.int32)
+    if np.issubdtype(array.dtype, np.floating) and np.any(as_int != array):
+        raise SapError(f"{path}: label map holds non-integer values")
+    image.array = as_int
+    return image
