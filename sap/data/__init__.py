@@ -1,0 +1,1 @@
+"""Data layer: cases, image I/O, labels, preprocessing cache, synthetic cohorts, splits."""
