@@ -194,21 +194,67 @@ def _source_ornt(geometry: Geometry) -> np.ndarray:
     return nib.orientations.io_orientation(geometry.source_affine_ras)
 
 
+def _is_nifti(path: Path) -> bool:
+    return path.is_file() and (path.name.endswith(".nii") or path.name.endswith(".nii.gz"))
+
+
+def _read_source(path: Path) -> tuple[np.ndarray, Geometry]:
+    """Voxel data in source (x, y, z) index order, and the geometry.
+
+    NIfTI voxel data is decoded with nibabel: SimpleITK's NIfTI reader silently turns NaN into 0
+    and zero-fills truncated files, and both must be reported (SPEC §13). The geometry always
+    comes from SimpleITK, so every format shares one convention.
+    """
+    if _is_nifti(path):
+        geometry = read_geometry(path)
+        try:
+            proxy = nib.load(str(path))
+            data = np.asanyarray(proxy.dataobj)
+        except Exception as exc:  # truncated gzip streams, short payloads
+            raise SapError(f"{path}: cannot read image data ({type(exc).__name__}: {str(exc)[:120]})") from exc
+        data = np.asarray(data)
+        if data.ndim == 4 and data.shape[3] == 1:
+            data = data[..., 0]
+        if data.shape != geometry.size:
+            raise SapError(f"{path}: cannot read image data (shape {data.shape} vs header {geometry.size})")
+        return data, geometry
+    image = read_sitk(path)
+    geometry = geometry_of(image)
+    try:
+        source_zyx = sitk.GetArrayFromImage(image)
+    except Exception as exc:
+        raise SapError(f"{path}: cannot read image data ({exc})") from exc
+    return source_zyx.transpose(2, 1, 0), geometry
+
+
 def read_image(path: str | Path, dtype: np.dtype | type | None = None) -> Image:
     """Read any supported image into a canonical RAS+ array.
 
     Raises :class:`SapError` naming the file when it is missing, unreadable or not 3D scalar.
     ``dtype`` converts the array (labels are usually read as-is and checked by the caller).
     """
-    image = read_sitk(path)
-    geometry = geometry_of(image)
-    try:
-        source_zyx = sitk.GetArrayFromImage(image)
-    except Exception as exc:  # truncated payloads can fail only here
-        raise SapError(f"{path}: cannot read image data ({exc})") from exc
-    canonical = to_canonical(source_zyx.transpose(2, 1, 0), geometry)
+    path = Path(path)
+    source_xyz, geometry = _read_source(path)
+    canonical = to_canonical(source_xyz, geometry)
     canonical = np.ascontiguousarray(canonical if dtype is None else canonical.astype(dtype, copy=False))
     return Image(array=canonical, geometry=geometry, path=str(path))
+
+
+def to_sitk(canonical: np.ndarray, geometry: Geometry) -> sitk.Image:
+    """A SimpleITK image of a canonical array on its source grid (for resampling, N4, writing)."""
+    if canonical.dtype == bool:
+        canonical = canonical.astype(np.uint8)
+    source_xyz = from_canonical(canonical, geometry)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(source_xyz.transpose(2, 1, 0)))
+    image.SetSpacing(geometry.spacing)
+    image.SetOrigin(geometry.origin)
+    image.SetDirection(geometry.direction)
+    return image
+
+
+def from_sitk(image: sitk.Image, geometry: Geometry) -> np.ndarray:
+    """Canonical array of a SimpleITK image that lies on ``geometry``'s grid."""
+    return np.ascontiguousarray(to_canonical(sitk.GetArrayFromImage(image).transpose(2, 1, 0), geometry))
 
 
 def read_geometry(path: str | Path) -> Geometry:
@@ -266,13 +312,7 @@ def write_image(
     check_writable(path, overwrite)
     if tuple(array.shape) != tuple(geometry.canonical_shape):
         raise SapError(f"{path}: array shape {array.shape} does not fit the grid {geometry.canonical_shape}")
-    if array.dtype == bool:
-        array = array.astype(np.uint8)
-    source_xyz = from_canonical(array, geometry)
-    image = sitk.GetImageFromArray(np.ascontiguousarray(source_xyz.transpose(2, 1, 0)))
-    image.SetSpacing(geometry.spacing)
-    image.SetOrigin(geometry.origin)
-    image.SetDirection(geometry.direction)
+    image = to_sitk(array, geometry)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary_sibling(path)
     try:

@@ -19,7 +19,7 @@ from scipy import ndimage
 
 from sap.config import DataConfig
 from sap.data.cases import Case
-from sap.data.io import Geometry, geometry_of, read_sitk, to_canonical
+from sap.data.io import Geometry, Image, from_sitk, read_image, to_sitk
 from sap.data.labels import check_lesion_mask, check_skeleton
 from sap.errors import SapError
 
@@ -39,17 +39,13 @@ class LoadedCase:
         return self.geometry.canonical_spacing
 
 
-def _resample_onto(image: sitk.Image, reference: sitk.Image, is_label: bool) -> sitk.Image:
+def _resample_onto(image: Image, reference: Image, is_label: bool) -> np.ndarray:
+    """``image`` resampled onto ``reference``'s grid (labels nearest, channels linear)."""
     interpolator = sitk.sitkNearestNeighbor if is_label else sitk.sitkLinear
-    return sitk.Resample(image, reference, sitk.Transform(), interpolator, 0.0, image.GetPixelID())
-
-
-def _canonical(image: sitk.Image, geometry: Geometry, path: Path) -> np.ndarray:
-    try:
-        array = sitk.GetArrayFromImage(image)
-    except Exception as exc:
-        raise SapError(f"{path}: cannot read image data ({exc})") from exc
-    return np.ascontiguousarray(to_canonical(array.transpose(2, 1, 0), geometry))
+    moving = to_sitk(image.array, image.geometry)
+    fixed = to_sitk(np.zeros(reference.array.shape, np.uint8), reference.geometry)
+    resampled = sitk.Resample(moving, fixed, sitk.Transform(), interpolator, 0.0, moving.GetPixelID())
+    return from_sitk(resampled, reference.geometry)
 
 
 def load_case(case: Case, cfg: DataConfig, n4: bool | None = None) -> LoadedCase:
@@ -58,47 +54,41 @@ def load_case(case: Case, cfg: DataConfig, n4: bool | None = None) -> LoadedCase
     Raises :class:`SapError` naming the file(s) for unreadable files, grid mismatches (naming both
     files and the differing field), NaN/Inf voxels and invalid label values.
     """
-    channel_paths = list(case.channels.items())
-    reference_path = channel_paths[0][1]
-    reference = read_sitk(reference_path)
-    reference_geometry = geometry_of(reference)
+    channel_paths = list(case.channels.values())
+    reference_path = channel_paths[0]
+    reference = read_image(reference_path)
 
-    def on_grid(path: Path, is_label: bool) -> tuple[sitk.Image, Geometry]:
+    def on_grid(path: Path, is_label: bool) -> np.ndarray:
         """The file's canonical array on the reference grid."""
-        image = reference if path == reference_path else read_sitk(path)
-        geometry = geometry_of(image)
-        problem = geometry.same_grid(reference_geometry)
-        if problem is not None:
-            if not cfg.resample_channels:
-                raise SapError(
-                    f"{path} and {reference_path} are on different grids ({problem}); "
-                    "set data.resample_channels: true to resample onto the first channel"
-                )
-            image, geometry = _resample_onto(image, reference, is_label), reference_geometry
-        return image, geometry
+        image = reference if path == reference_path else read_image(path)
+        problem = image.geometry.same_grid(reference.geometry)
+        if problem is None:
+            return image.array
+        if not cfg.resample_channels:
+            raise SapError(
+                f"{path} and {reference_path} are on different grids ({problem}); "
+                "set data.resample_channels: true to resample onto the first channel"
+            )
+        return _resample_onto(image, reference, is_label)
 
     channels = []
-    for _, path in channel_paths:
-        image, geometry = on_grid(path, is_label=False)
-        image = sitk.Cast(image, sitk.sitkFloat32)
-        if n4 if n4 is not None else cfg.n4:
-            image = n4_correct(image)
-        array = _canonical(image, geometry, path)
+    for path in channel_paths:
+        array = on_grid(path, is_label=False).astype(np.float32, copy=False)
         if not np.all(np.isfinite(array)):
             count = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
             raise SapError(f"{path}: {count} NaN/Inf voxels")
+        if n4 if n4 is not None else cfg.n4:
+            array = from_sitk(n4_correct(to_sitk(array, reference.geometry)), reference.geometry)
         channels.append(array)
     lesions = skeleton = None
     if case.lesions is not None:
-        raw = _canonical(*on_grid(case.lesions, is_label=True), case.lesions)
-        lesions = check_lesion_mask(raw, str(case.lesions), binarize=cfg.binarize)
+        lesions = check_lesion_mask(on_grid(case.lesions, is_label=True), str(case.lesions), binarize=cfg.binarize)
     if case.skeleton is not None:
-        raw = _canonical(*on_grid(case.skeleton, is_label=True), case.skeleton)
-        skeleton = check_skeleton(raw, str(case.skeleton))
+        skeleton = check_skeleton(on_grid(case.skeleton, is_label=True), str(case.skeleton))
     return LoadedCase(
         case=case,
         image=np.stack(channels).astype(np.float32, copy=False),
-        geometry=reference_geometry,
+        geometry=reference.geometry,
         lesions=lesions,
         skeleton=skeleton,
     )
