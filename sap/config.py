@@ -148,6 +148,45 @@ class CVConfig:
 
 
 @dataclass
+class Slice2DConfig:
+    """2D CT slice models (SPEC §11, ``sap slice2d``); sizes in pixels, window in HU."""
+
+    model: str = "unet"  #: unet | foundation | sam
+    target: str = "lesions"  #: lesions | bone (skeleton > 0)
+    image_size: int = 512  #: slices are resized to image_size² for the network
+    window_level: float = 400.0
+    window_width: float = 1800.0
+    slice_filter: str = "balanced"  #: all | foreground | balanced (foreground + as many background)
+    val_fraction: float = 0.2  #: validation subjects (patient-level split)
+    max_steps: int = 2000
+    batch_size: int = 4
+    val_every_steps: int = 200
+    lr: float = 1.0e-4  #: AdamW, foundation and SAM (paper 000)
+    weight_decay: float = 0.01
+    unet_lr: float = 0.01  #: SGD + Nesterov momentum 0.99, polynomial decay (nnU-Net)
+    unet_base_filters: int = 32
+    unet_max_filters: int = 512
+    foundation_checkpoint: str | None = None  #: local transformers DINOv3/DINOv2 folder
+    foundation_head_channels: list[int] = field(default_factory=lambda: [256, 128, 64])
+    freeze_encoder: bool = False  #: foundation / SAM image encoder frozen
+    sam_checkpoint: str | None = None  #: local transformers SAM/MedSAM folder
+    sam_adapter_channels: list[int] = field(default_factory=lambda: [32, 64, 128])
+    sam_prompt_tokens: int = 2
+    threshold: float = 0.5
+    seed: int = 42
+    amp: bool = True  #: used only on a GPU
+    # zero-shot prompting (paper 001)
+    sam_family: str = "sam"  #: sam | medsam (box strategies only)
+    component_rule: str = "and"  #: and (authors' code) | or (paper text)
+    min_component_pixels: int = 15
+    min_component_fraction: float = 0.05
+    prompt_seed: int = 0
+    # detector → SAM hybrid (paper 003)
+    box_expansion: float = 1.1
+    crop_factor: float | None = 2.0  #: None prompts on the whole slice
+
+
+@dataclass
 class Config:
     """The whole resolved configuration of a run."""
 
@@ -161,6 +200,7 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tuning: TuningConfig = field(default_factory=TuningConfig)
     cv: CVConfig = field(default_factory=CVConfig)
+    slice2d: Slice2DConfig = field(default_factory=Slice2DConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -251,6 +291,11 @@ _CHOICES = {
     "tuning.objective": ("mean_f2", "pooled_f2"),
     "cv.checkpoint": ("last", "best"),
     "cv.threshold": ("shared", "per_fold"),
+    "slice2d.model": ("unet", "foundation", "sam"),
+    "slice2d.target": ("lesions", "bone"),
+    "slice2d.slice_filter": ("all", "foreground", "balanced"),
+    "slice2d.sam_family": ("sam", "medsam"),
+    "slice2d.component_rule": ("and", "or"),
 }
 
 
