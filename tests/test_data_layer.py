@@ -204,3 +204,20 @@ def test_pretrain_split_by_subject(tmp_path):
     train, val = pretrain_split(cases, 0.34, seed=0)
     assert val and train
     assert not {c.subject_id for c in train} & {c.subject_id for c in val}
+
+
+def test_n4_reduces_a_smooth_bias_field(tmp_path):
+    shape = (32, 32, 32)
+    z = np.linspace(0, 1, shape[2])
+    body = np.zeros(shape, bool)
+    body[4:28, 4:28, 4:28] = True
+    bias = np.broadcast_to(1.0 + 0.8 * z, shape)
+    rng = np.random.default_rng(0)
+    image = np.where(body, 100.0 * bias + rng.normal(0, 1, shape), 0).astype(np.float32)
+    from sap.data.io import from_sitk, make_geometry, to_sitk
+    from sap.data.preprocess import n4_correct
+
+    geometry = make_geometry(shape, (2.0, 2.0, 2.0))
+    corrected = from_sitk(n4_correct(to_sitk(image, geometry), shrink=2), geometry)
+    cv = lambda a: a[body].std() / a[body].mean()  # noqa: E731
+    assert cv(corrected) < 0.5 * cv(image)
