@@ -50,6 +50,7 @@ from sap.metrics.pooled import (
 from sap.metrics.stats import (
     bonferroni,
     bootstrap_median_ci,
+    compare_methods,
     describe,
     icc_a1,
     mann_whitney,
@@ -63,7 +64,7 @@ from sap.metrics.tuning import tune_threshold, tuning_objective
 __all__ = [
     "CASE_METRICS", "DEFAULT_GRID", "LESION_COLUMNS", "LESION_METRICS", "PATIENT_COLUMNS",
     "CaseCandidates", "CaseResult", "Components", "DetectionCounts", "EvaluationSettings", "FrocCurve",
-    "Matching", "at_least", "bonferroni", "bootstrap_median_ci", "cumulative_volume_curves", "describe",
+    "Matching", "at_least", "bonferroni", "bootstrap_median_ci", "compare_methods", "cumulative_volume_curves", "describe",
     "detection_counts", "detection_counts_grid", "dice", "drop_small", "evaluate_case", "f2_score",
     "froc_auc", "froc_auc_bootstrap_ci", "froc_candidates", "froc_score", "froc_sweep", "icc_a1",
     "is_binary_prediction", "label_components", "label_ground_truth", "mann_whitney", "match_components",

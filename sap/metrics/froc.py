@@ -80,7 +80,7 @@ def _curve_from_scores(gt_best: np.ndarray, fp_scores: np.ndarray, n_cases: int)
     n_fp = fp_sorted.size - np.searchsorted(fp_sorted, thresholds, side="left")
     fppi = np.concatenate([[0.0], n_fp / n_cases])
     sens = np.concatenate([[0.0], n_hit / gt_best.size])
-    return FrocCurve(fppi, sens)
+    return _dedupe(fppi, sens)
 
 
 def froc_sweep(fppi: Sequence[float], sensitivity: Sequence[float]) -> FrocCurve | None:
@@ -97,7 +97,14 @@ def froc_sweep(fppi: Sequence[float], sensitivity: Sequence[float]) -> FrocCurve
     x = np.concatenate([[0.0], x[ok]])
     y = np.concatenate([[0.0], y[ok]])
     order = np.lexsort((y, x))
-    return FrocCurve(x[order], y[order])
+    return _dedupe(x[order], y[order])
+
+
+def _dedupe(x: np.ndarray, y: np.ndarray) -> FrocCurve:
+    """Drop points equal to their predecessor (they add no area and no step)."""
+    keep = np.ones(x.size, dtype=bool)
+    keep[1:] = (np.diff(x) != 0) | (np.diff(y) != 0)
+    return FrocCurve(x[keep], y[keep])
 
 
 def sensitivity_at(curve: FrocCurve, fppi: float) -> float:

@@ -132,3 +132,31 @@ def stars(p: float) -> str:
     if np.isnan(p):
         return ""
     return "***" if p < 0.001 else "**" if p < 0.01 else "*" if p < 0.05 else ""
+
+
+def compare_methods(values: dict[str, Sequence[float] | np.ndarray], paired: bool) -> list[dict[str, Any]]:
+    """E10 between methods for one metric: every pair of methods, Bonferroni over the pairs.
+
+    ``values``: method → values. ``paired`` (case-level metrics): arrays aligned by case (NaN where
+    a case lacks the metric; pairwise deletion), Wilcoxon signed-rank. Otherwise (lesion-level
+    metrics): independent samples, Mann–Whitney U. Returns one row per pair: method_a, method_b,
+    test, n_a, n_b, p, p_adj, stars.
+    """
+    names = list(values)
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+    rows = []
+    for a, b in pairs:
+        x, y = np.asarray(values[a], dtype=np.float64), np.asarray(values[b], dtype=np.float64)
+        if paired:
+            if x.shape != y.shape:
+                raise ValueError(f"paired values of {a} and {b} differ in length")
+            ok = ~(np.isnan(x) | np.isnan(y))
+            p, n_a, n_b = wilcoxon_paired(x, y), int(ok.sum()), int(ok.sum())
+        else:
+            p, n_a, n_b = mann_whitney(x, y), int((~np.isnan(x)).sum()), int((~np.isnan(y)).sum())
+        p_adj = bonferroni(p, len(pairs))
+        rows.append({
+            "method_a": a, "method_b": b, "test": "wilcoxon" if paired else "mannwhitneyu",
+            "n_a": n_a, "n_b": n_b, "p": p, "p_adj": p_adj, "stars": stars(p_adj),
+        })
+    return rows
