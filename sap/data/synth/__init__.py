@@ -1,0 +1,13 @@
+"""Synthetic cohorts (``sap synth``, SPEC §3): a procedural whole-body phantom or real anatomy,
+healthy and patient exams, MR (T1, b1000) or CT, lesions with the study's size distribution.
+
+Modules: :mod:`~sap.data.synth.shapes` (vectorised primitives), :mod:`~sap.data.synth.phantom`
+(anatomy), :mod:`~sap.data.synth.lesions` (lesions and mimics), :mod:`~sap.data.synth.intensity`
+(MR/CT appearance), :mod:`~sap.data.synth.anatomy` (``--anatomy DIR``),
+:mod:`~sap.data.synth.presets` and :mod:`~sap.data.synth.cohort` (the writer).
+"""
+
+from sap.data.synth.cohort import make_cohort, plan_cohort, synthesize_exam
+from sap.data.synth.presets import PRESETS, Preset, get_preset
+
+__all__ = ["PRESETS", "Preset", "get_preset", "make_cohort", "plan_cohort", "synthesize_exam"]

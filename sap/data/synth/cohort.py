@@ -1,0 +1,326 @@
+"""Write a synthetic cohort: case folders, ``subjects.csv`` per group and ``cohort.json`` (SPEC §2, §3).
+
+Layout::
+
+    OUT/healthy/healthy_s01_e1/{T1,b1000}.nii.gz + skeleton.nii.gz     (CT mode: CT.nii.gz)
+    OUT/patients/patient_001/{T1,b1000}.nii.gz + GT.nii.gz + skeleton.nii.gz
+    OUT/healthy/subjects.csv, OUT/patients/subjects.csv                  (case_id,subject_id)
+    OUT/cohort.json
+
+Determinism: every random choice of an exam comes from a generator seeded by (seed, group,
+subject, exam), and cohort-level plans (lesion counts and volumes, mimics) are drawn once in the
+parent process, so any number of workers writes byte-identical files. The cohort is written into a
+temporary sibling folder and renamed into place at the end: an interrupted run leaves no
+half-written cohort, and an existing one is replaced only with ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sap import __version__
+from sap.data.io import Geometry, atomic_write_text, make_geometry, write_image
+from sap.data.synth.lesions import (
+    Finding,
+    Placer,
+    burden_plan,
+    mimic_plan,
+    place_lesions,
+    place_mimics,
+    sample_lesion_volumes,
+    split_volumes,
+)
+from sap.data.synth.presets import Preset, get_preset
+from sap.errors import SapError
+
+GROUP_CODES = {"healthy": 1, "patients": 2}
+CHANNELS = {"mr": ("T1", "b1000"), "ct": ("CT",)}
+#: CT lesion phenotype per patient (prostate cancer metastases are often blastic)
+CT_PHENOTYPES = (("lytic", 0.45), ("blastic", 0.35), ("mixed", 0.20))
+
+
+@dataclass(frozen=True)
+class ExamJob:
+    """Everything one worker needs to build and write one exam (picklable)."""
+
+    group: str  #: "healthy" | "patients"
+    case_id: str
+    subject_id: str
+    subject_index: int
+    exam_index: int
+    preset: Preset
+    modality: str
+    seed: int
+    lesion_volumes_ml: tuple[float, ...] = ()
+    phenotype: str = "metastasis"  #: MR: "metastasis"; CT: "lytic" | "blastic" | "mixed"
+    mimics: tuple[tuple[str, int], ...] = ()
+    source: object | None = None  #: an :class:`sap.data.synth.anatomy.AnatomySource` in --anatomy mode
+
+
+@dataclass
+class Exam:
+    """One synthesised exam in memory: canonical arrays, their geometry and what was placed."""
+
+    job: ExamJob
+    geometry: Geometry
+    images: dict[str, np.ndarray]
+    skeleton: np.ndarray
+    lesions: np.ndarray | None  #: instance ids (patients), None for healthy exams
+    lesion_findings: list[Finding] = field(default_factory=list)
+    mimic_findings: list[Finding] = field(default_factory=list)
+
+
+def exam_generators(job: ExamJob) -> tuple[np.random.Generator, np.random.Generator, np.random.Generator, np.random.Generator]:
+    """(subject, pose, placement, rendering) generators of one exam; the subject one is shared by its exams."""
+    code = GROUP_CODES[job.group]
+    subject = np.random.default_rng([job.seed, code, job.subject_index])
+    pose, placement, rendering = (np.random.default_rng(s) for s in np.random.SeedSequence([job.seed, code, job.subject_index, job.exam_index]).spawn(3))
+    return subject, pose, placement, rendering
+
+
+def lesion_kinds(job: ExamJob, rng: np.random.Generator) -> list[str]:
+    n = len(job.lesion_volumes_ml)
+    if job.phenotype != "mixed":
+        return [job.phenotype] * n
+    return [str(k) for k in rng.choice(["lytic", "blastic"], size=n)]
+
+
+def phantom_geometry(canvas, spacing) -> Geometry:
+    """LPS geometry whose world coordinates are the phantom's body millimetres (LPS signs)."""
+    shape = canvas.shape
+    # In LPS order the first stored voxel is the canonical corner (x max, y max, z min).
+    corner_ras = np.array(canvas.origin) + np.array([shape[0] - 1, shape[1] - 1, 0]) * np.array(spacing)
+    origin_lps = (-corner_ras[0], -corner_ras[1], corner_ras[2])
+    return make_geometry(shape, spacing, tuple(float(round(v, 4)) for v in origin_lps), "LPS")  # type: ignore[arg-type]
+
+
+def synthesize_exam(job: ExamJob) -> Exam:
+    """Build one exam in memory (no files). Deterministic in ``job``."""
+    if job.source is not None:
+        from sap.data.synth.anatomy import synthesize_real_exam
+
+        return synthesize_real_exam(job)
+    from sap.data.synth.intensity import render_ct, render_mr
+    from sap.data.synth.phantom import ExamPose, SubjectParams, T, build_phantom
+
+    subject_rng, pose_rng, placement_rng, render_rng = exam_generators(job)
+    subject = SubjectParams.sample(subject_rng)
+    pose = ExamPose.sample(pose_rng)
+    preset = job.preset
+    phantom = build_phantom(preset.grid, preset.spacing, subject, pose)
+    lesions = np.zeros(preset.grid, dtype=np.int32)
+    mimics = np.zeros(preset.grid, dtype=np.uint8)
+    lesion_findings: list[Finding] = []
+    mimic_findings: list[Finding] = []
+    kinds: list[str] = []
+    if job.group == "patients":
+        placer = Placer(phantom.bone, preset.spacing, placement_rng)
+        kinds = lesion_kinds(job, placement_rng)
+        lesion_findings = place_lesions(placer, lesions, list(job.lesion_volumes_ml), kinds)
+        soft = np.isin(phantom.tissue, [T["visceral_fat"]])
+        mimic_findings = place_mimics(placer, mimics, dict(job.mimics), soft)
+    if job.modality == "ct":
+        images = {"CT": render_ct(phantom.tissue, phantom.bone, phantom.cortex, lesions, [f.kind for f in lesion_findings], mimics, render_rng)}
+    else:
+        t1, dwi = render_mr(phantom.tissue, phantom.bone, phantom.cortex, lesions, mimics, render_rng)
+        images = {"T1": t1, "b1000": dwi}
+    return Exam(
+        job=job,
+        geometry=phantom_geometry(phantom.canvas, preset.spacing),
+        images=images,
+        skeleton=phantom.skeleton,
+        lesions=lesions if job.group == "patients" else None,
+        lesion_findings=lesion_findings,
+        mimic_findings=mimic_findings,
+    )
+
+
+def _finding_record(finding: Finding, geometry: Geometry, voxel_ml: float, index: int) -> dict:
+    centroid = geometry.voxel_to_lps(np.asarray(finding.centroid_ijk))[0]
+    return {
+        "id": index,
+        "kind": finding.kind,
+        "volume_ml": round(finding.n_voxels * voxel_ml, 4),
+        "n_voxels": finding.n_voxels,
+        "region": finding.region,
+        "centroid_lps_mm": [round(float(v), 2) for v in centroid],
+    }
+
+
+def write_exam(job: ExamJob, out: Path) -> dict:
+    """Synthesise one exam, write its files under ``out/GROUP/CASE/`` and return its cohort.json record."""
+    exam = synthesize_exam(job)
+    folder = out / job.group / job.case_id
+    for name, image in exam.images.items():
+        write_image(image, exam.geometry, folder / f"{name}.nii.gz")
+    write_image(exam.skeleton, exam.geometry, folder / "skeleton.nii.gz")
+    if exam.lesions is not None:
+        write_image((exam.lesions > 0).astype(np.uint8), exam.geometry, folder / "GT.nii.gz")
+    voxel_ml = float(np.prod(exam.geometry.canonical_spacing)) / 1000.0
+    record = {
+        "case_id": job.case_id,
+        "subject_id": job.subject_id,
+        "group": job.group,
+        "grid": list(exam.geometry.canonical_shape),
+        "voxel_size_mm": [round(s, 4) for s in exam.geometry.canonical_spacing],
+        "n_lesions": len(exam.lesion_findings),
+        "lesions": [_finding_record(f, exam.geometry, voxel_ml, i) for i, f in enumerate(exam.lesion_findings, start=1)],
+        "mimics": [_finding_record(f, exam.geometry, voxel_ml, i) for i, f in enumerate(exam.mimic_findings, start=1)],
+    }
+    if job.group == "patients":
+        record["phenotype"] = job.phenotype
+    if job.source is not None:
+        record["anatomy_source"] = job.source.name  # type: ignore[attr-defined]
+    return record
+
+
+def plan_cohort(preset: Preset, modality: str, seed: int, sources: list | None = None) -> list[ExamJob]:
+    """Every exam of the cohort, with cohort-level draws (burden, volumes, mimics) already made."""
+    rng = np.random.default_rng([seed, 0])
+    jobs: list[ExamJob] = []
+    def source_for(subject_number: int):
+        return None if not sources else sources[subject_number % len(sources)]
+
+    for s, n_scans in enumerate(preset.scans_per_subject, start=1):
+        for e in range(1, n_scans + 1):
+            jobs.append(ExamJob(
+                group="healthy", case_id=f"healthy_s{s:02d}_e{e}", subject_id=f"healthy_s{s:02d}",
+                subject_index=s, exam_index=e, preset=preset, modality=modality, seed=seed,
+                source=source_for(s - 1),
+            ))
+    counts = burden_plan(rng, preset.n_patients, preset.n_lesion_free, preset.max_lesions)
+    volumes = split_volumes(sample_lesion_volumes(rng, sum(counts)), counts)
+    mimics = mimic_plan(rng, preset.n_patients)
+    names, weights = zip(*CT_PHENOTYPES, strict=True)
+    for p in range(1, preset.n_patients + 1):
+        phenotype = str(rng.choice(names, p=weights)) if modality == "ct" else "metastasis"
+        jobs.append(ExamJob(
+            group="patients", case_id=f"patient_{p:03d}", subject_id=f"patient_{p:03d}",
+            subject_index=p, exam_index=1, preset=preset, modality=modality, seed=seed,
+            lesion_volumes_ml=tuple(volumes[p - 1]), phenotype=phenotype,
+            mimics=tuple(sorted(mimics[p - 1].items())),
+            source=source_for(len(preset.scans_per_subject) + p - 1),
+        ))
+    return jobs
+
+
+def _run_jobs(jobs: list[ExamJob], out: Path, workers: int) -> Iterator[dict]:
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            yield write_exam(job, out)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method)) as pool:
+        yield from pool.map(write_exam, jobs, [out] * len(jobs))
+
+
+def _prepare_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise SapError(f"{out}: output exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise SapError(f"{out}: output folder exists and is not empty; pass --overwrite to replace it")
+        if not (out / "cohort.json").is_file():
+            raise SapError(f"{out}: not a sap cohort (no cohort.json); refusing to replace it, choose another --out")
+
+
+def _replace_folder(tmp: Path, out: Path) -> None:
+    """Move the finished cohort into place; an old cohort is removed only after the new one is there."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def make_cohort(
+    out: str | Path,
+    preset: str = "demo",
+    modality: str = "mr",
+    anatomy: str | Path | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    workers: int | None = None,
+    progress: bool = True,
+) -> Path:
+    """Write a synthetic cohort to ``out`` and return its path.
+
+    ``preset``: tiny | demo | paper (see :data:`sap.data.synth.presets.PRESETS`). ``modality``: mr
+    (T1 + b1000) or ct. ``anatomy``: a folder of real scans with TotalSegmentator labels instead of
+    the procedural phantom. ``workers``: processes (default: up to 4, never more than the CPUs);
+    results do not depend on it. Raises :class:`SapError` on bad arguments or an existing,
+    non-empty ``out`` without ``overwrite``.
+    """
+    out = Path(out)
+    chosen = get_preset(preset)
+    if modality not in CHANNELS:
+        raise SapError(f"--modality {modality!r}: choose one of {', '.join(CHANNELS)}")
+    if seed < 0:
+        raise SapError(f"--seed {seed}: must be a non-negative integer")
+    _prepare_output(out, overwrite)
+    sources = None
+    if anatomy is not None:
+        from sap.data.synth.anatomy import discover_sources
+
+        sources = discover_sources(Path(anatomy), modality)
+    jobs = plan_cohort(chosen, modality, seed, sources)
+    n_subjects = len({job.subject_id for job in jobs})
+    shared = bool(sources) and len(sources) < n_subjects
+    if shared:
+        warnings.warn(
+            f"{anatomy}: {len(sources)} source scan(s) for {n_subjects} subjects; subjects share anatomy "
+            "(recorded as shared_anatomy in cohort.json)",
+            stacklevel=2,
+        )
+    workers = min(4, os.cpu_count() or 1) if workers is None else workers
+    if workers < 1:
+        raise SapError(f"--workers {workers}: must be at least 1")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cohort is an ordinary folder
+    try:
+        from tqdm.auto import tqdm
+
+        records = list(tqdm(_run_jobs(jobs, tmp, workers), total=len(jobs), desc="sap synth", unit="exam", disable=not progress))
+        for group in GROUP_CODES:
+            rows = [f"{r['case_id']},{r['subject_id']}" for r in records if r["group"] == group]
+            atomic_write_text(tmp / group / "subjects.csv", "case_id,subject_id\n" + "".join(row + "\n" for row in rows))
+        first = records[0]
+        same_grid = all(r["grid"] == first["grid"] and r["voxel_size_mm"] == first["voxel_size_mm"] for r in records)
+        cohort = {
+            "preset": chosen.name,
+            "modality": modality,
+            "channels": list(CHANNELS[modality]),
+            "seed": seed,
+            "sap_version": __version__,
+            "voxel_size_mm": first["voxel_size_mm"] if same_grid else None,
+            "grid": first["grid"] if same_grid else None,
+            "anatomy": "phantom" if anatomy is None else str(Path(anatomy).resolve()),
+            "shared_anatomy": shared,
+            "n_healthy": sum(r["group"] == "healthy" for r in records),
+            "n_patients": sum(r["group"] == "patients" for r in records),
+            "n_lesions": sum(r["n_lesions"] for r in records),
+            "cases": records,
+        }
+        atomic_write_text(tmp / "cohort.json", json.dumps(cohort, indent=1, sort_keys=True) + "\n")
+        _prepare_output(out, overwrite)  # re-check: someone may have written there meanwhile
+        _replace_folder(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out

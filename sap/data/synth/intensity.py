@@ -1,0 +1,152 @@
+"""Image appearance: tissue classes → MR (T1, b1000) or CT (HU) intensities.
+
+MR follows whole-body MRI of adult bone marrow: on T1 fatty marrow and fat are bright, muscle
+intermediate, metastases dark; on the b1000 diffusion image the background (fat, air) is suppressed,
+normal marrow is dark and metastases are bright, as are spleen, kidneys, bowel and lymph nodes (the
+false-positive mimics of the study). CT is in Hounsfield units with lytic (hypodense) or blastic
+(hyperdense) lesions. Each exam gets its own gain, bias field (MR) and noise; images are stored as
+int16, as scanners do.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from sap.data.synth.lesions import MIMIC_KINDS
+from sap.data.synth.phantom import TISSUES
+from sap.data.synth.shapes import smooth_noise
+
+#: tissue → (T1, b1000) mean signal, arbitrary scanner units
+MR_SIGNAL: dict[str, tuple[float, float]] = {
+    "air": (0.0, 0.0),
+    "fat": (900.0, 14.0),
+    "muscle": (330.0, 40.0),
+    "lung": (35.0, 6.0),
+    "liver": (420.0, 60.0),
+    "spleen": (370.0, 190.0),
+    "kidney": (360.0, 170.0),
+    "bladder": (120.0, 25.0),
+    "bowel": (300.0, 140.0),
+    "blood": (150.0, 15.0),
+    "marrow": (650.0, 30.0),
+    "cortex": (60.0, 5.0),
+    "csf": (140.0, 45.0),
+    "disc": (220.0, 35.0),
+    "visceral_fat": (860.0, 12.0),
+}
+#: tissue → mean CT value (HU)
+CT_HU: dict[str, float] = {
+    "air": -1000.0, "fat": -95.0, "muscle": 50.0, "lung": -850.0, "liver": 60.0, "spleen": 50.0,
+    "kidney": 35.0, "bladder": 8.0, "bowel": 20.0, "blood": 42.0, "marrow": 260.0, "cortex": 1100.0,
+    "csf": 10.0, "disc": 80.0, "visceral_fat": -90.0,
+}
+#: marrow by bone value: red (haematopoietic) marrow of the axial skeleton is darker on T1 and less
+#: fatty on CT than the yellow marrow of the long bones. Keys are bone values (phantom.bone).
+MARROW_T1 = {1: 560.0, 2: 560.0, 3: 560.0, 4: 600.0, 5: 780.0, 6: 780.0, 7: 620.0, 8: 640.0, 9: 600.0, 10: 620.0, 11: 760.0}
+MARROW_HU = {1: 280.0, 2: 270.0, 3: 260.0, 4: 240.0, 5: 120.0, 6: 130.0, 7: 260.0, 8: 300.0, 9: 280.0, 10: 320.0, 11: 150.0}
+
+#: mimic kind → (T1, b1000) and HU
+MIMIC_MR = {"lymph_node": (330.0, 300.0), "haemangioma": (980.0, 70.0), "bone_island": (60.0, 8.0), "implant": (0.0, 0.0)}
+MIMIC_HU = {"lymph_node": 40.0, "haemangioma": 90.0, "bone_island": 1000.0, "implant": 3200.0}
+
+
+def _lookup(table: dict[str, float]) -> np.ndarray:
+    return np.array([table[name] for name in TISSUES], dtype=np.float32)
+
+
+def _bone_values(bone: np.ndarray, table: dict[int, float], base: np.ndarray) -> np.ndarray:
+    lookup = np.zeros(max(table) + 1, dtype=np.float32)
+    for value, level in table.items():
+        lookup[value] = level
+    return np.where(bone > 0, lookup[bone], base).astype(np.float32)
+
+
+def render_mr(
+    tissue: np.ndarray,
+    bone: np.ndarray,
+    cortex: np.ndarray,
+    lesions: np.ndarray,
+    mimics: np.ndarray,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """T1 and b1000 images (int16, same shape as ``tissue``).
+
+    ``bone``: bone value per voxel (0 none); ``cortex``: bool rim of the bones; ``lesions``: lesion
+    instance ids (0 none); ``mimics``: 1 + index in :data:`MIMIC_KINDS` (0 none).
+    """
+    shape = tissue.shape
+    t1_table = np.array([MR_SIGNAL[n][0] for n in TISSUES], dtype=np.float32)
+    dwi_table = np.array([MR_SIGNAL[n][1] for n in TISSUES], dtype=np.float32)
+    t1 = _bone_values(bone, MARROW_T1, t1_table[tissue])
+    dwi = dwi_table[tissue]
+    # tissue texture and patchy marrow
+    texture = smooth_noise(rng, shape, coarse=4)
+    marrow_patches = smooth_noise(rng, shape, coarse=3)
+    inside_bone = bone > 0
+    t1 *= 1.0 + 0.05 * texture + np.where(inside_bone, 0.10 * marrow_patches, 0.0).astype(np.float32)
+    dwi *= 1.0 + 0.15 * texture
+    # sub-voxel cortex: the rim is part marrow, part cortex
+    t1[cortex] = 0.55 * t1[cortex] + 0.45 * MR_SIGNAL["cortex"][0]
+    dwi[cortex] = 0.55 * dwi[cortex] + 0.45 * MR_SIGNAL["cortex"][1]
+    if lesions.any():
+        lesion = lesions > 0
+        n = int(lesions.max())
+        t1_levels = rng.uniform(190.0, 330.0, size=n + 1).astype(np.float32)
+        dwi_levels = rng.uniform(230.0, 460.0, size=n + 1).astype(np.float32)
+        heterogeneity = 1.0 + 0.15 * smooth_noise(rng, shape, coarse=2)
+        t1[lesion] = (t1_levels[lesions] * heterogeneity)[lesion]
+        dwi[lesion] = (dwi_levels[lesions] * heterogeneity)[lesion]
+    for index, kind in enumerate(MIMIC_KINDS):
+        where = mimics == index + 1
+        if where.any():
+            t1[where], dwi[where] = MIMIC_MR[kind]
+    t1 = ndimage.gaussian_filter(t1, 0.6)  # partial volume at the voxel scale
+    dwi = ndimage.gaussian_filter(dwi, 0.7)
+    bias = np.exp(0.18 * smooth_noise(rng, shape, coarse=24)).astype(np.float32)
+    gains = rng.uniform(0.85, 1.15, size=2)
+    t1 = _rician(t1 * bias * gains[0], rng.uniform(10.0, 18.0), rng)
+    dwi = _rician(dwi * bias * gains[1], rng.uniform(4.0, 7.0), rng)
+    return _to_int16(t1), _to_int16(dwi)
+
+
+def render_ct(
+    tissue: np.ndarray,
+    bone: np.ndarray,
+    cortex: np.ndarray,
+    lesions: np.ndarray,
+    lesion_kinds: list[str],
+    mimics: np.ndarray,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """CT image in HU (int16). ``lesion_kinds[i - 1]`` is "lytic" or "blastic" for lesion id i."""
+    shape = tissue.shape
+    hu = _bone_values(bone, MARROW_HU, _lookup(CT_HU)[tissue])
+    texture = smooth_noise(rng, shape, coarse=3)
+    hu += np.where(bone > 0, 40.0 * texture, 6.0 * texture).astype(np.float32)
+    hu[cortex] = 0.45 * hu[cortex] + 0.55 * CT_HU["cortex"]
+    if lesions.any():
+        n = int(lesions.max())
+        levels = np.zeros(n + 1, dtype=np.float32)
+        for i, kind in enumerate(lesion_kinds, start=1):
+            levels[i] = rng.uniform(10.0, 70.0) if kind == "lytic" else rng.uniform(700.0, 1100.0)
+        lesion = lesions > 0
+        hu[lesion] = levels[lesions][lesion] + 40.0 * smooth_noise(rng, shape, coarse=2)[lesion]
+    for index, kind in enumerate(MIMIC_KINDS):
+        where = mimics == index + 1
+        if where.any():
+            hu[where] = MIMIC_HU[kind]
+    hu = ndimage.gaussian_filter(hu, 0.5)
+    hu += rng.normal(0.0, rng.uniform(10.0, 22.0), size=shape).astype(np.float32)
+    return np.clip(np.round(hu), -1024, 3071 + 1000).astype(np.int16)
+
+
+def _rician(signal: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """Magnitude of a complex signal with Gaussian noise: the MR background is a noise floor, not zero."""
+    real = signal + rng.normal(0.0, sigma, size=signal.shape).astype(np.float32)
+    imag = rng.normal(0.0, sigma, size=signal.shape).astype(np.float32)
+    return np.sqrt(real * real + imag * imag)
+
+
+def _to_int16(image: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(image), 0, 32767).astype(np.int16)

@@ -1,0 +1,50 @@
+"""Cohort presets: counts, grid and voxel size of each synthetic cohort (SPEC §3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sap.errors import SapError
+
+#: the phantom's field of view (mm, array axis order R-L, P-A, I-S): neck to proximal thighs
+FIELD_OF_VIEW_MM = (352.0, 256.0, 704.0)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """What one preset builds. ``grid`` and ``spacing`` are in canonical array order (RAS+)."""
+
+    name: str
+    grid: tuple[int, int, int]
+    spacing: tuple[float, float, float]  #: mm
+    scans_per_subject: tuple[int, ...]  #: healthy cohort: one entry per subject
+    n_patients: int
+    n_lesion_free: int
+    max_lesions: int  #: upper end of the high-burden group
+
+    @property
+    def n_healthy(self) -> int:
+        return sum(self.scans_per_subject)
+
+    def describe(self) -> str:
+        return (
+            f"{self.name}: {self.n_healthy} healthy scans from {len(self.scans_per_subject)} subjects, "
+            f"{self.n_patients} patients ({self.n_lesion_free} lesion-free), grid "
+            f"{'x'.join(map(str, self.grid))} at {'x'.join(f'{s:g}' for s in self.spacing)} mm"
+        )
+
+
+PRESETS: dict[str, Preset] = {
+    # tests: seconds to build; same voxel size as demo, so lesion volumes behave the same
+    "tiny": Preset("tiny", (64, 64, 128), (5.5, 4.0, 5.5), (2, 2), 6, 1, 14),
+    # the demo: neck to thighs, all nine regions in every exam
+    "demo": Preset("demo", (64, 64, 128), (5.5, 4.0, 5.5), (2, 2, 2), 9, 1, 25),
+    # paper scale: 71 healthy scans of 24 subjects, 40 patients, 2 mm
+    "paper": Preset("paper", (176, 128, 352), (2.0, 2.0, 2.0), (3,) * 23 + (2,), 40, 3, 40),
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise SapError(f"--preset {name!r}: choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]
