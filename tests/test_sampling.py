@@ -211,10 +211,17 @@ def test_negatives_fall_back_to_other_cases_when_a_case_has_no_room():
         patch = sampler.resolve(request, 0)
         if request.kind == "neg":
             assert patch.request.case == 1
-    only_crowded = InstanceBalancedSampler([crowded], (8, 8, 8), seed=0, max_tries=4)
+    # Nowhere lesion-free: the least-lesion patch is used, with a warning, and labelled correctly.
+    partial = full.copy()
+    partial[:, :, :3] = 0
+    half = SamplingCase("half", rng.random((1, *shape), dtype=np.float32), partial, None)
+    only_crowded = InstanceBalancedSampler([half], (8, 8, 8), seed=0, max_tries=64)
     negative = next(r for r in only_crowded.plan(0) if r.kind == "neg")
-    with pytest.raises(SapError, match="no lesion-free patch"):
-        only_crowded.resolve(negative, 0)
+    with pytest.warns(RuntimeWarning, match="no lesion-free patch"):
+        patch = only_crowded.resolve(negative, 0)
+    _, label = only_crowded.read(patch)
+    assert label.sum() == only_crowded.indices[0].lesion_voxels_in_box(patch.start, np.array([8, 8, 8]))
+    assert label.sum() < label.size
 
 
 def test_no_lesions_is_an_error():

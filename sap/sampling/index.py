@@ -78,17 +78,17 @@ class CaseIndex:
         """``(n, 3)`` voxel coordinates of lesion ``lesion`` (0-based)."""
         return self.lesion_coords[self.lesion_offsets[lesion] : self.lesion_offsets[lesion + 1]]
 
-    def box_touches_lesion(self, start: np.ndarray, size: np.ndarray) -> bool:
-        """Whether the box ``[start, start + size)`` contains any lesion voxel (exact, no mask read)."""
+    def lesion_voxels_in_box(self, start: np.ndarray, size: np.ndarray) -> int:
+        """Number of lesion voxels inside the box ``[start, start + size)`` (exact, no mask read)."""
         if self.n_lesions == 0:
-            return False
+            return 0
         stop = start + size
         overlap = np.all((self.lesion_bboxes[:, :3] < stop) & (self.lesion_bboxes[:, 3:] > start), axis=1)
+        total = 0
         for lesion in np.flatnonzero(overlap):
             voxels = self.lesion_voxels(int(lesion))
-            if np.any(np.all((voxels >= start) & (voxels < stop), axis=1)):
-                return True
-        return False
+            total += int(np.count_nonzero(np.all((voxels >= start) & (voxels < stop), axis=1)))
+        return total
 
     # ------------------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> Path:

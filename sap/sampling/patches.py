@@ -34,7 +34,11 @@ def start_around(
 
 
 def read_patch(
-    array: np.ndarray, start: np.ndarray, size: np.ndarray | tuple[int, ...], pad_value: float = 0
+    array: np.ndarray,
+    start: np.ndarray,
+    size: np.ndarray | tuple[int, ...],
+    pad_value: float = 0,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Copy the box ``[start, start + size)`` of the last three axes of ``array``.
 
@@ -43,9 +47,11 @@ def read_patch(
         start: patch start per spatial axis (may be negative or run past the end).
         size: patch size per spatial axis.
         pad_value: value of voxels outside the volume.
+        out: optional destination of shape ``(..., *size)`` (e.g. one slot of a batch array), so
+            the patch is copied once, straight from the memory map into the batch.
 
     Returns:
-        A new contiguous array of shape ``(..., *size)`` and the dtype of ``array``.
+        ``out`` when given, else a new contiguous array of shape ``(..., *size)`` and ``array``'s dtype.
     """
     start = np.asarray(start, np.int64)
     size = np.asarray(size, np.int64)
@@ -53,9 +59,13 @@ def read_patch(
     lo = np.maximum(start, 0)
     hi = np.minimum(start + size, shape)
     src = (Ellipsis, *(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True)))
-    if np.all(lo == start) and np.all(hi == start + size):
-        return np.array(array[src])
-    out = np.full((*array.shape[:-3], *size.tolist()), pad_value, dtype=array.dtype)
+    inside = bool(np.all(lo == start) and np.all(hi == start + size))
+    if out is None:
+        if inside:
+            return np.array(array[src])
+        out = np.empty((*array.shape[:-3], *size.tolist()), dtype=array.dtype)
+    if not inside:
+        out[...] = pad_value
     if np.all(hi > lo):
         dst = (Ellipsis, *(slice(int(a - s), int(b - s)) for a, b, s in zip(lo, hi, start, strict=True)))
         out[dst] = array[src]

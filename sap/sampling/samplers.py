@@ -29,6 +29,7 @@ of the paper gives every rank all positives; here each lesion is seen exactly on
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,24 +249,41 @@ class PatchSampler:
         """(case number, patch start) of a request."""
         raise NotImplementedError
 
+    #: labels are binary lesion masks (False: class values of a label map)
+    binary_labels = True
+
     def label_source(self, case: SamplingCase) -> np.ndarray | None:
         """The array whose patch is the training label."""
         return case.lesions
 
     def read(self, patch: Patch) -> tuple[np.ndarray, np.ndarray]:
         """``(image (C, *size) float32, label (*size) uint8)`` of a resolved patch, zero-padded."""
-        case = self.cases[patch.request.case]
-        image = read_patch(case.image, patch.start, self.patch_size).astype(np.float32, copy=False)
-        source = self.label_source(case)
-        if source is None:
-            label = np.zeros(self.patch_size.tolist(), np.uint8)
-        else:
-            label = read_patch(source, patch.start, self.patch_size)
-            label = self._as_label(label)
-        return image, label
+        images, labels = self.read_batch([patch])
+        return images[0], labels[0]
 
-    def _as_label(self, label: np.ndarray) -> np.ndarray:
-        return (label != 0).astype(np.uint8)
+    def read_batch(self, patches: Sequence[Patch]) -> tuple[np.ndarray, np.ndarray]:
+        """``(images (B, C, *size) float32, labels (B, *size) uint8)``: each patch is copied once,
+        straight from the (memory-mapped) case arrays into the batch arrays."""
+        size = self.patch_size.tolist()
+        channels = self.cases[patches[0].request.case].image.shape[0] if patches else 0
+        images = np.empty((len(patches), channels, *size), np.float32)
+        labels = np.zeros((len(patches), *size), np.uint8)
+        for slot, patch in enumerate(patches):
+            case = self.cases[patch.request.case]
+            if case.image.shape[0] != channels:
+                raise SapError(f"case {case.case_id}: {case.image.shape[0]} channels, expected {channels}")
+            read_patch(case.image, patch.start, self.patch_size, out=images[slot])
+            source = self.label_source(case)
+            if source is None:
+                continue
+            if source.dtype == np.uint8:
+                read_patch(source, patch.start, self.patch_size, out=labels[slot])
+                if self.binary_labels:
+                    np.minimum(labels[slot], 1, out=labels[slot])
+            else:
+                raw = read_patch(source, patch.start, self.patch_size)
+                labels[slot] = (raw != 0) if self.binary_labels else raw.astype(np.uint8)
+        return images, labels
 
     def sample(self, request: PatchRequest, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`resolve` then :meth:`read`."""
@@ -307,6 +325,8 @@ class InstanceBalancedSampler(PatchSampler):
 
     See the module docstring. ``max_tries`` bounds the centre draws per case when looking for a
     lesion-free patch; a case where none is found hands the negative to the other cases in turn.
+    When no case has room for a lesion-free patch (small volumes, large patches, many lesions),
+    the draw with the fewest lesion voxels is used, with a warning; its label is still exact.
     """
 
     def __init__(
@@ -363,17 +383,28 @@ class InstanceBalancedSampler(PatchSampler):
             return request.case, rng.integers(a, b + 1)
         # Negative: the assigned case first, then the others in a random order.
         order = [request.case] + [int(c) for c in rng.permutation(len(self.cases)) if c != request.case]
+        best: tuple[int, int, np.ndarray] | None = None  # (lesion voxels, case, start)
         for case_no in order:
             for _ in range(self.max_tries):
                 centre = self._body_voxel(rng, case_no)
                 if centre is None:
                     break
                 start = start_around(centre, self.indices[case_no].shape, size)
-                if not self.indices[case_no].box_touches_lesion(start, size):
+                touched = self.indices[case_no].lesion_voxels_in_box(start, size)
+                if touched == 0:
                     return case_no, start
-        raise SapError(
-            f"instance sampler: no lesion-free patch of size {size.tolist()} found in any training case"
+                if best is None or touched < best[0]:
+                    best = (touched, case_no, start)
+        if best is None:
+            raise SapError("instance sampler: no body voxel in any training case")
+        # Lesions everywhere (small volumes, large patches): the least-lesion patch, labelled correctly.
+        warnings.warn(
+            f"instance sampler: no lesion-free patch of size {size.tolist()} found in any training case; "
+            f"a negative patch holds {best[0]} lesion voxels",
+            RuntimeWarning,
+            stacklevel=2,
         )
+        return best[1], best[2]
 
 
 class PosNegSampler(PatchSampler):
@@ -477,11 +508,10 @@ class ClassBalancedSampler(PatchSampler):
     def _pad(self, rng: np.random.Generator, count: int) -> list[tuple[int, str, int]]:
         return self._entries(rng, count)
 
+    binary_labels = False
+
     def label_source(self, case: SamplingCase) -> np.ndarray | None:
         return case.label_map
-
-    def _as_label(self, label: np.ndarray) -> np.ndarray:
-        return label.astype(np.uint8, copy=False)
 
     def _place(self, rng: np.random.Generator, request: PatchRequest) -> tuple[int, np.ndarray]:
         case, index = self.cases[request.case], self.indices[request.case]

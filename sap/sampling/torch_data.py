@@ -17,30 +17,36 @@ from torch.utils.data import DataLoader, Dataset
 from sap.sampling.samplers import EpochCursor, PatchRequest, PatchSampler
 
 
-class PatchDataset(Dataset):
-    """Patches of a list of requests of one epoch.
+class PatchBatchDataset(Dataset):
+    """Batches of one epoch's requests: item ``i`` is requests ``[i × B, (i + 1) × B)`` read at once.
 
-    Items are dicts: ``image`` float32 tensor ``(C, *patch)``, ``label`` uint8 tensor ``(1, *patch)``,
-    ``case`` (int), ``kind`` ("pos"/"neg"/"cls"), ``start`` (int64 tensor ``(3,)``).
+    Use with ``DataLoader(batch_size=None)``: each patch is copied once, from the memory map into
+    the batch array (no per-patch tensors, no collate copy). Items are dicts: ``image`` float32
+    ``(B, C, *patch)``, ``label`` uint8 ``(B, 1, *patch)``, ``case`` int64 ``(B,)``, ``positive``
+    bool ``(B,)``, ``start`` int64 ``(B, 3)``.
     """
 
-    def __init__(self, sampler: PatchSampler, requests: list[PatchRequest], epoch: int) -> None:
+    def __init__(
+        self, sampler: PatchSampler, requests: list[PatchRequest], epoch: int, batch_size: int
+    ) -> None:
         self.sampler = sampler
         self.requests = requests
         self.epoch = int(epoch)
+        self.batch_size = int(batch_size)
 
     def __len__(self) -> int:
-        return len(self.requests)
+        return -(-len(self.requests) // self.batch_size)
 
     def __getitem__(self, item: int) -> dict[str, Any]:
-        patch = self.sampler.resolve(self.requests[item], self.epoch)
-        image, label = self.sampler.read(patch)
+        chunk = self.requests[item * self.batch_size : (item + 1) * self.batch_size]
+        patches = [self.sampler.resolve(request, self.epoch) for request in chunk]
+        images, labels = self.sampler.read_batch(patches)
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(image)),
-            "label": torch.from_numpy(np.ascontiguousarray(label))[None],
-            "case": patch.request.case,
-            "kind": patch.request.kind,
-            "start": torch.from_numpy(patch.start.astype(np.int64)),
+            "image": torch.from_numpy(images),
+            "label": torch.from_numpy(labels)[:, None],
+            "case": torch.tensor([p.request.case for p in patches], dtype=torch.int64),
+            "positive": torch.tensor([p.request.kind == "pos" for p in patches]),
+            "start": torch.from_numpy(np.stack([p.start for p in patches]).astype(np.int64)),
         }
 
 
@@ -58,14 +64,12 @@ def batch_stream(
     """
     while True:
         requests = cursor.remaining(sampler, rank)
-        epoch = cursor.epoch
         loader = DataLoader(
-            PatchDataset(sampler, requests, epoch),
-            batch_size=sampler.batch_size,
+            PatchBatchDataset(sampler, requests, cursor.epoch, sampler.batch_size),
+            batch_size=None,
             shuffle=False,
             num_workers=num_workers,
             pin_memory=pin_memory,
-            persistent_workers=False,
         )
         for batch in loader:
             cursor.advance(len(batch["case"]))
