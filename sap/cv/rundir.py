@@ -1,0 +1,282 @@
+"""The run directory of a cross-validated study (SPEC §1, §10) and its resumability rules.
+
+Layout::
+
+    RUN/config.yaml                 resolved config of the study
+    RUN/splits.json                 folds (written once, sap.data.splits)
+    RUN/manifest.json               config hash, package versions, git commit, seeds, durations
+    RUN/pretrain/{skeletal,ssl}/    pretraining (last.pt, best.pt, log.csv)
+    RUN/{method}/fold_{k}/          fine-tuning of test fold k (last.pt, best.pt, log.csv),
+                                    tuning/CASE_prob.nii.gz (tuning fold predicted by this model)
+    RUN/{method}/predictions/       CASE_prob.nii.gz of every test case, each by its own fold model
+    RUN/{method}/threshold.json     the tuned operating point (shared or per fold)
+    RUN/{method}/evaluation/        patients.csv, lesions.csv, summary.json, regions.csv
+    RUN/features/{ssl,sap}.npz      t-SNE features of the pretrained encoders
+    RUN/report/                     report.md, report.html, figures/*.png, tables/*.csv
+
+Every finished step leaves a marker ``STEP.done.json`` beside its outputs holding the hash of the
+settings the step depends on, its duration and what it wrote. A step whose marker matches is
+reused; a step without a marker is (re)done from its last checkpoint; a marker with another hash
+means the folder holds results of a different config and is refused without ``--overwrite``.
+Markers also carry the durations, so ``manifest.json`` can be rebuilt after folds were computed
+on several machines and copied together (``sap report`` merges).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from sap.config import Config
+from sap.data.io import atomic_write_text
+from sap.errors import SapError
+
+#: canonical method names in report order; ``scratch`` is an alias of ``baseline``
+METHODS: tuple[str, ...] = ("baseline", "ssl", "sap")
+METHOD_LABELS = {"baseline": "Baseline", "ssl": "SSL", "sap": "SAP"}
+#: fine-tuning init of each method and the pretraining stage it needs (None: none)
+INIT_OF = {"baseline": "scratch", "ssl": "ssl", "sap": "sap"}
+PRETRAIN_OF = {"baseline": None, "ssl": "ssl", "sap": "skeletal"}
+
+MANIFEST_VERSION = 1
+_PACKAGES = ("sap", "torch", "monai", "numpy", "scipy", "SimpleITK", "nibabel",
+             "connected-components-3d", "pandas", "matplotlib", "scikit-learn", "accelerate")
+
+
+def canonical_method(name: str) -> str:
+    """``scratch`` → ``baseline``; unknown names are an error."""
+    name = name.strip().lower()
+    name = "baseline" if name == "scratch" else name
+    if name not in METHODS:
+        raise SapError(f"unknown method {name!r}: choose from baseline (alias scratch), ssl, sap")
+    return name
+
+
+def parse_methods(text: str | list[str] | None, default: list[str]) -> list[str]:
+    """``"baseline,sap"`` or a list → canonical names in report order, duplicates removed."""
+    items = default if text is None else (text.split(",") if isinstance(text, str) else text)
+    chosen = {canonical_method(item) for item in items if item.strip()}
+    if not chosen:
+        raise SapError("no method chosen: pass --methods baseline,ssl,sap (or a subset)")
+    return [m for m in METHODS if m in chosen]
+
+
+def parse_folds(text: str | None, k: int) -> list[int]:
+    """``"1,2"`` → [1, 2]; None → every test fold 1…k−1. Fold 0 (tuning) is not a test fold."""
+    if text is None:
+        return list(range(1, k))
+    folds = []
+    for item in str(text).split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if not item.isdigit() or not 1 <= int(item) < k:
+            raise SapError(f"--folds {text}: {item!r} is not a test fold (1…{k - 1}; fold 0 tunes the threshold)")
+        folds.append(int(item))
+    if not folds:
+        raise SapError(f"--folds {text}: no fold given")
+    return sorted(set(folds))
+
+
+def settings_hash(cfg: Config, sections: tuple[str, ...]) -> str:
+    """Hash of the config sections (dotted names allowed) a step depends on; paths excluded."""
+    full = cfg.to_dict()
+    content: dict[str, Any] = {}
+    for dotted in sections:
+        node: Any = full
+        for part in dotted.split("."):
+            node = node[part]
+        if dotted == "data":
+            node = {k: v for k, v in node.items() if k not in ("root", "healthy", "patients", "cache_dir")}
+        content[dotted] = node
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+#: what each kind of step depends on (a change elsewhere leaves its results valid)
+PRETRAIN_SECTIONS = ("scale", "data", "model", "pretrain")
+FOLD_SECTIONS = (*PRETRAIN_SECTIONS, "finetune", "infer", "cv.k", "cv.seed", "cv.tuning_in_training",
+                 "cv.checkpoint")
+STUDY_SECTIONS = (*FOLD_SECTIONS, "evaluate", "tuning", "cv.threshold")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Paths of one study run (see the module docstring)."""
+
+    root: Path
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def splits(self) -> Path:
+        return self.root / "splits.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def features(self) -> Path:
+        return self.root / "features"
+
+    def pretrain(self, stage: str) -> Path:
+        return self.root / "pretrain" / stage
+
+    def method(self, method: str) -> Path:
+        return self.root / method
+
+    def fold(self, method: str, fold: int) -> Path:
+        return self.root / method / f"fold_{fold}"
+
+    def tuning_predictions(self, method: str, fold: int) -> Path:
+        return self.fold(method, fold) / "tuning"
+
+    def predictions(self, method: str) -> Path:
+        return self.root / method / "predictions"
+
+    def evaluation(self, method: str) -> Path:
+        return self.root / method / "evaluation"
+
+    def threshold(self, method: str) -> Path:
+        return self.root / method / "threshold.json"
+
+    def methods_present(self) -> list[str]:
+        return [m for m in METHODS if self.method(m).is_dir()]
+
+    def folds_present(self, method: str) -> list[int]:
+        out = []
+        for path in sorted(self.method(method).glob("fold_*")):
+            suffix = path.name.removeprefix("fold_")
+            if suffix.isdigit():
+                out.append(int(suffix))
+        return sorted(out)
+
+
+# ---------------------------------------------------------------------------------- step markers
+def marker_path(folder: Path, step: str) -> Path:
+    return folder / f"{step}.done.json"
+
+
+def read_marker(folder: Path, step: str) -> dict[str, Any] | None:
+    """The marker of a finished step, or None when the step has not finished."""
+    path = marker_path(folder, step)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SapError(f"{path}: corrupt step marker ({exc.msg}); delete it to redo the step") from exc
+
+
+def step_done(folder: Path, step: str, config_hash: str, overwrite: bool = False) -> bool:
+    """True when ``step`` finished in ``folder`` with the same settings.
+
+    A marker with another hash means the folder holds results of a different config: an error
+    naming the folder, unless ``overwrite`` (then the marker is dropped and the step redone).
+    """
+    marker = read_marker(folder, step)
+    if marker is None:
+        return False
+    if marker.get("config_hash") == config_hash:
+        return True
+    if overwrite:
+        marker_path(folder, step).unlink()
+        return False
+    raise SapError(
+        f"{folder}: holds '{step}' results of another config (hash {marker.get('config_hash')} ≠ "
+        f"{config_hash}); use a new --out or pass --overwrite to redo it"
+    )
+
+
+def mark_done(folder: Path, step: str, config_hash: str, seconds: float, **info: Any) -> Path:
+    """Write the marker of a finished step (atomically, after its outputs)."""
+    record = {"step": step, "config_hash": config_hash, "seconds": round(float(seconds), 3),
+              "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "host": platform.node(), **info}
+    return atomic_write_text(marker_path(folder, step), json.dumps(record, indent=1, default=str) + "\n")
+
+
+def clear_folder(folder: Path) -> None:
+    """Remove a stale step folder (only called with ``--overwrite``)."""
+    if folder.exists():
+        shutil.rmtree(folder)
+
+
+# ---------------------------------------------------------------------------------- manifest
+def package_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_commit() -> str | None:
+    """Commit of the sap source tree when it is a git checkout (with ``+dirty`` for local edits)."""
+    source = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "") if commit else None
+
+
+def collect_durations(run: RunDir) -> dict[str, float]:
+    """Seconds of every finished step, read from the markers (merges folds from other machines)."""
+    out: dict[str, float] = {}
+    for path in sorted(run.root.rglob("*.done.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        key = str(path.parent.relative_to(run.root) / record.get("step", path.name)).replace("\\", "/")
+        out[key] = float(record.get("seconds", float("nan")))
+    return out
+
+
+def write_manifest(run: RunDir, cfg: Config, methods: list[str], extra: dict[str, Any] | None = None) -> Path:
+    """(Re)write ``RUN/manifest.json`` from the config and the step markers on disk."""
+    previous: dict[str, Any] = {}
+    if run.manifest.is_file():
+        try:
+            previous = json.loads(run.manifest.read_text())
+        except json.JSONDecodeError:
+            previous = {}
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "config_hash": settings_hash(cfg, STUDY_SECTIONS),
+        "fold_hash": settings_hash(cfg, FOLD_SECTIONS),
+        "scale": cfg.scale,
+        "methods": sorted(set(previous.get("methods", [])) | set(methods), key=METHODS.index),
+        "k": cfg.cv.k,
+        "seeds": {"cv": cfg.cv.seed, "pretrain": cfg.pretrain.seed, "finetune": cfg.finetune.seed,
+                  "evaluate": cfg.evaluate.seed},
+        "packages": package_versions(),
+        "git_commit": git_commit(),
+        "created": previous.get("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "durations_s": collect_durations(run),
+        **(previous.get("extra", {}) and {"extra": previous["extra"]}),
+    }
+    if extra:
+        manifest["extra"] = {**manifest.get("extra", {}), **extra}
+    return atomic_write_text(run.manifest, json.dumps(manifest, indent=1, default=str) + "\n")

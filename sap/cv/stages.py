@@ -1,0 +1,115 @@
+"""The one place where ``sap cv`` calls the stages (SPEC §1: only ``sap/cv`` imports stages).
+
+Each function here is a thin adapter over a stage's importable Python function, so a change in a
+stage's signature is fixed in one place. Stage imports happen inside the functions: the report
+can be rebuilt without torch being imported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sap.config import Config
+from sap.data.cases import Case
+from sap.errors import SapError
+
+
+def _missing(stage: str, name: str) -> SapError:
+    return SapError(f"sap cv needs {stage}.{name}, which this installation of sap does not provide yet")
+
+
+# ------------------------------------------------------------------------------------ pretraining
+def pretrain(cfg: Config, stage: str, run_root: Path, resume: bool) -> Path:
+    """Run ``sap pretrain --stage STAGE`` into ``RUN/pretrain/STAGE``; return the checkpoint path."""
+    try:
+        from sap.pretrain import run_pretraining
+    except ImportError as exc:
+        raise _missing("sap.pretrain", "run_pretraining") from exc
+    cfg = dataclasses.replace(cfg, out=str(run_root))
+    result = run_pretraining(cfg, stage=stage, resume=resume)
+    return Path(result) if result is not None else run_root / "pretrain" / stage / "best.pt"
+
+
+# ------------------------------------------------------------------------------------ fine-tuning
+def finetune(cfg: Config, init: str, fold: int, run_root: Path, pretrained: Path | None, resume: bool) -> Path:
+    """Run ``sap finetune --init INIT --fold FOLD`` into ``RUN/{method}/fold_{FOLD}``; return the folder."""
+    try:
+        from sap.finetune import run_finetune
+    except ImportError as exc:
+        raise _missing("sap.finetune", "run_finetune") from exc
+    cfg = dataclasses.replace(cfg, out=str(run_root))
+    result = run_finetune(cfg, init=init, fold=fold, pretrained=pretrained, resume=resume)
+    return Path(result).parent if result is not None and Path(result).is_file() else Path(result or run_root)
+
+
+# ------------------------------------------------------------------------------------ inference
+def load_predictor(checkpoint: Path | Sequence[Path], cfg: Config) -> Any:
+    """A loaded model (or ensemble) from ``sap.infer``, reused across cases."""
+    try:
+        from sap.infer import load_model
+    except ImportError as exc:
+        raise _missing("sap.infer", "load_model") from exc
+    return load_model(checkpoint if isinstance(checkpoint, (str, Path)) else list(checkpoint))
+
+
+def predict_probability(predictor: Any, case: Case, cfg: Config) -> tuple[np.ndarray, Any]:
+    """Foreground probability ``(X, Y, Z)`` float32 of one case and the geometry to write it in."""
+    try:
+        from sap.infer import predict_case
+    except ImportError as exc:
+        raise _missing("sap.infer", "predict_case") from exc
+    return predict_case(predictor, case, cfg.infer)
+
+
+def set_checkpoint_threshold(path: Path, threshold: float, min_volume_ml: float) -> None:
+    """Write the tuned operating point into a fine-tuned checkpoint (atomically)."""
+    from sap.models.weights import load_checkpoint, save_checkpoint
+
+    checkpoint = load_checkpoint(path)
+    checkpoint["threshold"] = float(threshold)
+    checkpoint["min_volume_ml"] = float(min_volume_ml)
+    save_checkpoint(checkpoint, path)
+
+
+def write_bundle(members: Sequence[Path], threshold: float, min_volume_ml: float, out: Path, **info: Any) -> Path:
+    """An ensemble bundle ``sap infer --model`` accepts (format owned by ``sap.models.bundle``)."""
+    try:
+        from sap.models.bundle import write_bundle as _write
+    except ImportError as exc:
+        raise _missing("sap.models.bundle", "write_bundle") from exc
+    return _write(list(members), out, threshold=threshold, min_volume_ml=min_volume_ml, **info)
+
+
+# ------------------------------------------------------------------------------------ evaluation
+def evaluate_pairs(
+    pairs: Sequence[tuple[str, Path, Path]],
+    settings_by_case: dict[str, Any],
+    summary_settings: Any,
+    out_dir: Path,
+    on_case: Callable[[str, np.ndarray, np.ndarray, tuple], None] | None = None,
+) -> tuple[list[Any], dict[str, Any]]:
+    """Evaluate (case, ground truth, prediction) triples, each at its own settings; write
+    ``patients.csv``, ``lesions.csv``, ``summary.json`` to ``out_dir``. Returns (results, summary).
+
+    Uses ``sap.evaluate``'s file reading and writing and ``sap.metrics`` for the rules; the pairs
+    are given explicitly because a study's test cases and their predictions live in different
+    folders than ``sap evaluate`` would search. ``on_case(case_id, prob, gt, spacing)`` sees each
+    case's arrays once (the study attributes lesions to skeletal regions there).
+    """
+    from sap.evaluate.api import CasePair, load_pair, write_outputs
+    from sap.metrics import evaluate_case, summarize
+
+    results = []
+    for case_id, gt, pred in pairs:
+        prob, mask, spacing = load_pair(CasePair(case_id, Path(gt), Path(pred)))
+        results.append(evaluate_case(prob, mask, spacing, settings_by_case[case_id], case_id=case_id))
+        if on_case is not None:
+            on_case(case_id, prob, mask, spacing)
+    summary = summarize(results, summary_settings)
+    write_outputs(out_dir, results, summary, overwrite=True)
+    return results, summary
