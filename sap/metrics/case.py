@@ -210,12 +210,16 @@ class CaseResult:
 
 
 def is_binary_prediction(prob: np.ndarray, values_at_tmin: np.ndarray | None = None) -> bool:
-    """A prediction is binary when its dtype is integer/bool or every value ≥ t_min equals 1."""
+    """A prediction is binary when its dtype is integer/bool or every value ≥ t_min equals 1.
+
+    A float map with no value ≥ t_min is a probability map that found nothing, not binary (a
+    weak model's empty case must not switch the FROC of a whole study to null).
+    """
     if prob.dtype.kind in "biu":
         return True
     if values_at_tmin is None:
         values_at_tmin = prob[prob > 0]
-    return bool(values_at_tmin.size == 0 or np.all(values_at_tmin == 1))
+    return bool(values_at_tmin.size > 0 and np.all(values_at_tmin == 1))
 
 
 def _crop(bbox: np.ndarray, margin: np.ndarray, shape: tuple[int, ...]) -> tuple[slice, slice, slice]:
