@@ -173,7 +173,7 @@ def synthesize_real_exam(job):  # -> cohort.Exam
         if lesion.any():
             levels = np.zeros(int(lesions.max()) + 1, dtype=np.float32)
             for i, kind in enumerate([f.kind for f in lesion_findings], start=1):
-                levels[i] = render_rng.uniform(10.0, 70.0) if kind == "lytic" else render_rng.uniform(700.0, 1100.0)
+                levels[i] = render_rng.uniform(10.0, 70.0) if kind == "lytic" else render_rng.uniform(900.0, 1400.0)
             hu[lesion] = levels[lesions][lesion] + 40.0 * heterogeneity[lesion]
         for index, kind in enumerate(MIMIC_KINDS):
             hu[mimics == index + 1] = MIMIC_HU[kind]
@@ -195,7 +195,9 @@ def synthesize_real_exam(job):  # -> cohort.Exam
         dwi *= 1.0 + 0.15 * smooth_noise(render_rng, shape, coarse=4)
         if lesion.any():
             n = int(lesions.max())
-            t1_levels = render_rng.uniform(190.0, 330.0, size=n + 1).astype(np.float32)
+            # lesions replace marrow signal: a fraction of this scan's own marrow level on T1
+            marrow_t1 = float(np.median(t1[anatomy.bone > 0])) if (anatomy.bone > 0).any() else 600.0
+            t1_levels = (marrow_t1 * render_rng.uniform(0.25, 0.45, size=n + 1)).astype(np.float32)
             dwi_levels = render_rng.uniform(230.0, 460.0, size=n + 1).astype(np.float32)
             t1[lesion] = (t1_levels[lesions] * (1 + 0.15 * heterogeneity))[lesion]
             dwi[lesion] = (dwi_levels[lesions] * (1 + 0.15 * heterogeneity))[lesion]

@@ -103,6 +103,40 @@ def phantom_geometry(canvas, spacing) -> Geometry:
     return make_geometry(shape, spacing, tuple(float(round(v, 4)) for v in origin_lps), "LPS")  # type: ignore[arg-type]
 
 
+@dataclass
+class PhantomExam:
+    """The label side of a phantom exam: anatomy, lesion instances, mimics (no images yet)."""
+
+    phantom: object  #: :class:`sap.data.synth.phantom.Phantom`
+    lesions: np.ndarray  #: int32 lesion instance ids (all zero for healthy exams)
+    mimics: np.ndarray  #: uint8, 1 + index in MIMIC_KINDS
+    lesion_findings: list[Finding]
+    mimic_findings: list[Finding]
+
+
+def phantom_exam(job: ExamJob) -> PhantomExam:
+    """Anatomy, lesions and mimics of one phantom exam, without rendering or writing (fast).
+
+    Tests use it to check lesion statistics on many patients without writing files.
+    """
+    from sap.data.synth.phantom import ExamPose, SubjectParams, T, build_phantom
+
+    subject_rng, pose_rng, placement_rng, _ = exam_generators(job)
+    preset = job.preset
+    phantom = build_phantom(preset.grid, preset.spacing, SubjectParams.sample(subject_rng), ExamPose.sample(pose_rng))
+    lesions = np.zeros(preset.grid, dtype=np.int32)
+    mimics = np.zeros(preset.grid, dtype=np.uint8)
+    lesion_findings: list[Finding] = []
+    mimic_findings: list[Finding] = []
+    if job.group == "patients":
+        placer = Placer(phantom.bone, preset.spacing, placement_rng)
+        kinds = lesion_kinds(job, placement_rng)
+        lesion_findings = place_lesions(placer, lesions, list(job.lesion_volumes_ml), kinds)
+        soft = phantom.tissue == T["visceral_fat"]
+        mimic_findings = place_mimics(placer, mimics, dict(job.mimics), soft)
+    return PhantomExam(phantom, lesions, mimics, lesion_findings, mimic_findings)
+
+
 def synthesize_exam(job: ExamJob) -> Exam:
     """Build one exam in memory (no files). Deterministic in ``job``."""
     if job.source is not None:
@@ -110,24 +144,12 @@ def synthesize_exam(job: ExamJob) -> Exam:
 
         return synthesize_real_exam(job)
     from sap.data.synth.intensity import render_ct, render_mr
-    from sap.data.synth.phantom import ExamPose, SubjectParams, T, build_phantom
 
-    subject_rng, pose_rng, placement_rng, render_rng = exam_generators(job)
-    subject = SubjectParams.sample(subject_rng)
-    pose = ExamPose.sample(pose_rng)
+    labelled = phantom_exam(job)
+    render_rng = exam_generators(job)[3]
+    phantom, lesions, mimics = labelled.phantom, labelled.lesions, labelled.mimics
+    lesion_findings, mimic_findings = labelled.lesion_findings, labelled.mimic_findings
     preset = job.preset
-    phantom = build_phantom(preset.grid, preset.spacing, subject, pose)
-    lesions = np.zeros(preset.grid, dtype=np.int32)
-    mimics = np.zeros(preset.grid, dtype=np.uint8)
-    lesion_findings: list[Finding] = []
-    mimic_findings: list[Finding] = []
-    kinds: list[str] = []
-    if job.group == "patients":
-        placer = Placer(phantom.bone, preset.spacing, placement_rng)
-        kinds = lesion_kinds(job, placement_rng)
-        lesion_findings = place_lesions(placer, lesions, list(job.lesion_volumes_ml), kinds)
-        soft = np.isin(phantom.tissue, [T["visceral_fat"]])
-        mimic_findings = place_mimics(placer, mimics, dict(job.mimics), soft)
     if job.modality == "ct":
         images = {"CT": render_ct(phantom.tissue, phantom.bone, phantom.cortex, lesions, [f.kind for f in lesion_findings], mimics, render_rng)}
     else:

@@ -33,7 +33,7 @@ MR_SIGNAL: dict[str, tuple[float, float]] = {
     "cortex": (60.0, 5.0),
     "csf": (140.0, 45.0),
     "disc": (220.0, 35.0),
-    "visceral_fat": (860.0, 12.0),
+    "visceral_fat": (760.0, 12.0),
 }
 #: tissue → mean CT value (HU)
 CT_HU: dict[str, float] = {
@@ -48,7 +48,7 @@ MARROW_HU = {1: 280.0, 2: 270.0, 3: 260.0, 4: 240.0, 5: 120.0, 6: 130.0, 7: 260.
 
 #: mimic kind → (T1, b1000) and HU
 MIMIC_MR = {"lymph_node": (330.0, 300.0), "haemangioma": (980.0, 70.0), "bone_island": (60.0, 8.0), "implant": (0.0, 0.0)}
-MIMIC_HU = {"lymph_node": 40.0, "haemangioma": 90.0, "bone_island": 1000.0, "implant": 3200.0}
+MIMIC_HU = {"lymph_node": 40.0, "haemangioma": 90.0, "bone_island": 1000.0, "implant": 3500.0}
 
 
 def _lookup(table: dict[str, float]) -> np.ndarray:
@@ -92,7 +92,7 @@ def render_mr(
     if lesions.any():
         lesion = lesions > 0
         n = int(lesions.max())
-        t1_levels = rng.uniform(190.0, 330.0, size=n + 1).astype(np.float32)
+        t1_levels = rng.uniform(140.0, 260.0, size=n + 1).astype(np.float32)
         dwi_levels = rng.uniform(230.0, 460.0, size=n + 1).astype(np.float32)
         heterogeneity = 1.0 + 0.15 * smooth_noise(rng, shape, coarse=2)
         t1[lesion] = (t1_levels[lesions] * heterogeneity)[lesion]
@@ -101,7 +101,7 @@ def render_mr(
         where = mimics == index + 1
         if where.any():
             t1[where], dwi[where] = MIMIC_MR[kind]
-    t1 = ndimage.gaussian_filter(t1, 0.6)  # partial volume at the voxel scale
+    t1 = ndimage.gaussian_filter(t1, 0.45)  # partial volume at the voxel scale
     dwi = ndimage.gaussian_filter(dwi, 0.7)
     bias = np.exp(0.18 * smooth_noise(rng, shape, coarse=24)).astype(np.float32)
     gains = rng.uniform(0.85, 1.15, size=2)
@@ -124,19 +124,20 @@ def render_ct(
     hu = _bone_values(bone, MARROW_HU, _lookup(CT_HU)[tissue])
     texture = smooth_noise(rng, shape, coarse=3)
     hu += np.where(bone > 0, 40.0 * texture, 6.0 * texture).astype(np.float32)
-    hu[cortex] = 0.45 * hu[cortex] + 0.55 * CT_HU["cortex"]
+    hu[cortex] = 0.6 * hu[cortex] + 0.4 * CT_HU["cortex"]
     if lesions.any():
         n = int(lesions.max())
         levels = np.zeros(n + 1, dtype=np.float32)
         for i, kind in enumerate(lesion_kinds, start=1):
-            levels[i] = rng.uniform(10.0, 70.0) if kind == "lytic" else rng.uniform(700.0, 1100.0)
+            levels[i] = rng.uniform(10.0, 70.0) if kind == "lytic" else rng.uniform(900.0, 1400.0)
         lesion = lesions > 0
         hu[lesion] = levels[lesions][lesion] + 40.0 * smooth_noise(rng, shape, coarse=2)[lesion]
+    hu = ndimage.gaussian_filter(hu, 0.4)
+    # metal and bone islands are painted after the blur: their edges stay sharp and their HU intact
     for index, kind in enumerate(MIMIC_KINDS):
         where = mimics == index + 1
         if where.any():
             hu[where] = MIMIC_HU[kind]
-    hu = ndimage.gaussian_filter(hu, 0.5)
     hu += rng.normal(0.0, rng.uniform(10.0, 22.0), size=shape).astype(np.float32)
     return np.clip(np.round(hu), -1024, 3071 + 1000).astype(np.int16)
 
