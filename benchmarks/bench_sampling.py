@@ -250,7 +250,9 @@ def main() -> int:
     parser.add_argument("--cases", type=int, default=3, help="whole-body cases")
     parser.add_argument("--shape", type=int, nargs=3, default=[192, 128, 576], help="voxels per case")
     parser.add_argument("--spacing", type=float, default=2.0, help="isotropic voxel size in mm")
-    parser.add_argument("--lesions", type=int, default=60, help="lesions per case")
+    parser.add_argument(
+        "--lesions", type=int, nargs="+", default=[60, 15, 0], help="lesions per case, in turn (repeated)"
+    )
     parser.add_argument("--patch", type=int, default=96, help="patch edge in voxels")
     parser.add_argument("--patches", type=int, default=200, help="patches timed per cached row")
     parser.add_argument("--load-patches", type=int, default=12, help="patches timed for the LoadImaged row")
@@ -268,7 +270,7 @@ def main() -> int:
         Path(args.workdir), args.cases, tuple(args.shape), args.spacing, args.lesions, args.seed
     )
     if args.worker == "shares":
-        n_pos = 2 * args.epochs * args.lesions * args.cases  # about as many as the posneg sampler draws
+        n_pos = 2 * args.epochs * sum(args.lesions[i % len(args.lesions)] for i in range(args.cases))
         print(json.dumps(positive_shares(cases, args.patch, args.epochs, n_pos, args.seed)))
         return 0
     if args.worker:
@@ -289,7 +291,7 @@ def main() -> int:
         "--spacing",
         str(args.spacing),
         "--lesions",
-        str(args.lesions),
+        *map(str, args.lesions),
         "--patch",
         str(args.patch),
         "--patches",
@@ -325,7 +327,7 @@ def main() -> int:
     lines = [
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"Python {platform.python_version()}; {args.cases} cases of {'×'.join(map(str, args.shape))} voxels "
-        f"({voxels / 1e6:.1f} M, {args.spacing} mm), {args.lesions} lesions each, patches "
+        f"({voxels / 1e6:.1f} M, {args.spacing} mm), {'/'.join(map(str, args.lesions))} lesions, patches "
         f"{args.patch}³ × 2 channels, median of {args.repeats} runs, one thread, no workers.",
         "",
         "| sampler | patches/s | vs MONAI CacheDataset | set-up (s) | peak RSS (MB) | above imports (MB) |",

@@ -1,7 +1,7 @@
 """Synthetic whole-body cases for the patch-sampling benchmark (``bench_sampling.py``).
 
 Each case: a body ellipsoid (2 channels, float32, values in [0, 1] inside the body, 0 outside), a
-binary lesion mask with ``lesions`` blobs of log-normal volume (median 0.5 mL, about a quarter
+binary lesion mask with a given number of blobs of log-normal volume (median 0.5 mL, about a quarter
 ≥ 1 mL at the given spacing, as in SPEC §3), the body mask, and the 26-connected instance map used
 to attribute patches to lesions. Written as ``.npy`` (the sap cache format, memory-mapped) and as
 one 4-D ``.nii.gz`` image plus a ``.nii.gz`` label (what a MONAI ``LoadImaged`` pipeline reads).
@@ -65,9 +65,18 @@ def make_case(
 
 
 def write_cases(
-    folder: Path, n_cases: int, shape: tuple[int, int, int], spacing_mm: float, n_lesions: int, seed: int
+    folder: Path,
+    n_cases: int,
+    shape: tuple[int, int, int],
+    spacing_mm: float,
+    n_lesions: list[int],
+    seed: int,
 ) -> list[dict[str, str]]:
-    """Write (or reuse) the benchmark cases; returns one dict of file paths per case."""
+    """Write (or reuse) the benchmark cases; returns one dict of file paths per case.
+
+    ``n_lesions`` gives the lesion count of each case in turn (repeated as needed), so a cohort mixes
+    heavy-burden, light-burden and lesion-free exams as the study's patients do.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     meta_path = folder / "cases.json"
     settings = {
@@ -84,7 +93,7 @@ def write_cases(
     affine = np.diag([spacing_mm] * 3 + [1.0])
     cases = []
     for number in range(n_cases):
-        arrays = make_case(shape, spacing_mm, n_lesions, seed + number)
+        arrays = make_case(shape, spacing_mm, n_lesions[number % len(n_lesions)], seed + number)
         stem = folder / f"case{number}"
         entry = {}
         for name, array in arrays.items():

@@ -207,6 +207,7 @@ def test_negatives_fall_back_to_other_cases_when_a_case_has_no_room():
     crowded = SamplingCase("crowded", rng.random((1, *shape), dtype=np.float32), full, None)
     clean = SamplingCase("clean", rng.random((1, 30, 30, 30), dtype=np.float32), None, None)
     sampler = InstanceBalancedSampler([crowded, clean], (8, 8, 8), neg_ratio=4, seed=0, max_tries=4)
+    assert sampler.roomy_cases == [1]  # no negatives are assigned to the crowded case
     for request in sampler.plan(0):
         patch = sampler.resolve(request, 0)
         if request.kind == "neg":

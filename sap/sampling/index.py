@@ -90,6 +90,29 @@ class CaseIndex:
             total += int(np.count_nonzero(np.all((voxels >= start) & (voxels < stop), axis=1)))
         return total
 
+    def first_lesion_free_box(self, starts: np.ndarray, size: np.ndarray) -> int | None:
+        """Row of the first box ``[starts[i], starts[i] + size)`` holding no lesion voxel, or None.
+
+        Boxes that overlap no lesion bounding box are lesion-free at once (one vectorised test);
+        only boxes before the first such one are checked voxel by voxel.
+        """
+        if len(starts) == 0:
+            return None
+        if self.n_lesions == 0:
+            return 0
+        stops = starts + size
+        overlap = np.all(
+            (self.lesion_bboxes[None, :, :3] < stops[:, None])
+            & (self.lesion_bboxes[None, :, 3:] > starts[:, None]),
+            axis=2,
+        )
+        clear = np.flatnonzero(~overlap.any(axis=1))
+        limit = int(clear[0]) if clear.size else len(starts)
+        for row in range(limit):
+            if self.lesion_voxels_in_box(starts[row], size) == 0:
+                return row
+        return limit if clear.size else None
+
     # ------------------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> Path:
         """Write the index as one ``.npz`` (written to a temporary name, then renamed)."""

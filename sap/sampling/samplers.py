@@ -290,6 +290,36 @@ class PatchSampler:
         return self.read(self.resolve(request, epoch))
 
     # ----------------------------------------------------------------------------- helpers
+    def _body_voxels(
+        self, rng: np.random.Generator, case_no: int, count: int, exclude_lesions: bool = False
+    ) -> np.ndarray:
+        """Up to ``count`` voxels ``(n, 3)``, each uniform over the case's body (optionally outside
+        every lesion); fewer (possibly none) when a batch of rejection draws finds fewer."""
+        case, index = self.cases[case_no], self.indices[case_no]
+        body = case.body if index.has_body_mask else None
+        lesions = case.lesions if exclude_lesions and index.n_lesions else None
+        lo, hi = index.body_bbox[:3], index.body_bbox[3:]
+        if body is None and lesions is None:
+            return rng.integers(lo, hi, size=(count, 3))
+        found: list[np.ndarray] = []
+        n_found = 0
+        for _ in range(_REJECTION_BATCHES):
+            candidates = rng.integers(lo, hi, size=(max(count, _DRAWS_PER_BATCH), 3))
+            ix = (candidates[:, 0], candidates[:, 1], candidates[:, 2])
+            ok = np.ones(len(candidates), bool)
+            if body is not None:
+                ok &= np.asarray(body[ix]) != 0
+            if lesions is not None:
+                ok &= np.asarray(lesions[ix]) == 0
+            found.append(candidates[ok])
+            n_found += int(ok.sum())
+            if n_found >= count:
+                break
+        if n_found == 0:  # a sparse body: one exhaustive draw
+            single = self._body_voxel(rng, case_no, exclude_lesions)
+            return np.zeros((0, 3), np.int64) if single is None else single[None]
+        return np.concatenate(found)[:count]
+
     def _body_voxel(
         self, rng: np.random.Generator, case_no: int, exclude_lesions: bool = False
     ) -> np.ndarray | None:
@@ -325,6 +355,8 @@ class InstanceBalancedSampler(PatchSampler):
 
     See the module docstring. ``max_tries`` bounds the centre draws per case when looking for a
     lesion-free patch; a case where none is found hands the negative to the other cases in turn.
+    Cases where ``max_tries`` trial draws at start-up find no lesion-free patch at all (heavy
+    burden, patch as large as the body) get no negatives assigned (:attr:`roomy_cases`).
     When no case has room for a lesion-free patch (small volumes, large patches, many lesions),
     the draw with the fewest lesion voxels is used, with a warning; its label is still exact.
     """
@@ -350,6 +382,28 @@ class InstanceBalancedSampler(PatchSampler):
         ]
         if not self.lesions:
             raise SapError("instance sampler: the training cases hold no lesion")
+        self.roomy_cases = self._find_roomy_cases()
+
+    def _find_roomy_cases(self) -> list[int]:
+        """Cases where a lesion-free patch was found among ``max_tries`` trial draws.
+
+        Negatives are spread over these cases only, so heavy-burden exams where the patch cannot
+        avoid every lesion do not cost failed searches each epoch (all cases when none is roomy).
+        The trial draws use their own generator (seeded by ``seed``): deterministic, epoch-free.
+        """
+        size = self.patch_size
+        roomy = []
+        for case_no, index in enumerate(self.indices):
+            if index.n_lesions == 0:
+                roomy.append(case_no)
+                continue
+            rng = np.random.default_rng([self.seed, 0x5A9, case_no])
+            centres = self._body_voxels(rng, case_no, self.max_tries)
+            low, high = start_bounds(index.shape, size)
+            starts = np.clip(centres - size // 2, low, high)
+            if index.first_lesion_free_box(starts, size) is not None:
+                roomy.append(case_no)
+        return roomy or list(range(len(self.cases)))
 
     @property
     def n_positives(self) -> int:
@@ -365,7 +419,7 @@ class InstanceBalancedSampler(PatchSampler):
         return positives + self._pad(rng, self.n_negatives)
 
     def _pad(self, rng: np.random.Generator, count: int) -> list[tuple[int, str, int]]:
-        return [(c, NEGATIVE, -1) for c in self._spread_cases(rng, count)]
+        return [(c, NEGATIVE, -1) for c in self._spread_cases(rng, count, among=self.roomy_cases)]
 
     def _place(self, rng: np.random.Generator, request: PatchRequest) -> tuple[int, np.ndarray]:
         index = self.indices[request.case]
@@ -381,30 +435,40 @@ class InstanceBalancedSampler(PatchSampler):
             a = np.maximum(hi - size, low)
             b = np.minimum(lo, high)
             return request.case, rng.integers(a, b + 1)
-        # Negative: the assigned case first, then the others in a random order.
-        order = [request.case] + [int(c) for c in rng.permutation(len(self.cases)) if c != request.case]
-        best: tuple[int, int, np.ndarray] | None = None  # (lesion voxels, case, start)
-        for case_no in order:
-            for _ in range(self.max_tries):
-                centre = self._body_voxel(rng, case_no)
-                if centre is None:
+        # Negative: the assigned case first, then the other roomy cases in a random order.
+        # Candidate centres are uniform body voxels; the first whose patch is lesion-free wins, so
+        # the centre is uniform over the body voxels that admit a lesion-free patch.
+        others = [int(c) for c in rng.permutation(self.roomy_cases) if c != request.case]
+        for case_no in [request.case, *others]:
+            index = self.indices[case_no]
+            low, high = start_bounds(index.shape, size)
+            tried = 0
+            while tried < self.max_tries:
+                centres = self._body_voxels(rng, case_no, min(_DRAWS_PER_BATCH, self.max_tries - tried))
+                if len(centres) == 0:
                     break
-                start = start_around(centre, self.indices[case_no].shape, size)
-                touched = self.indices[case_no].lesion_voxels_in_box(start, size)
-                if touched == 0:
-                    return case_no, start
-                if best is None or touched < best[0]:
-                    best = (touched, case_no, start)
-        if best is None:
-            raise SapError("instance sampler: no body voxel in any training case")
-        # Lesions everywhere (small volumes, large patches): the least-lesion patch, labelled correctly.
+                tried += len(centres)
+                starts = np.clip(centres - size // 2, low, high)
+                row = index.first_lesion_free_box(starts, size)
+                if row is not None:
+                    return case_no, starts[row]
+        # Lesions everywhere (small volumes, large patches): the least-lesion patch of a batch of
+        # candidates in the assigned case, labelled correctly.
+        index = self.indices[request.case]
+        low, high = start_bounds(index.shape, size)
+        centres = self._body_voxels(rng, request.case, _DRAWS_PER_BATCH)
+        if len(centres) == 0:
+            raise SapError(f"instance sampler: case {self.cases[request.case].case_id} has no body voxel")
+        starts = np.clip(centres - size // 2, low, high)
+        touched = [index.lesion_voxels_in_box(start, size) for start in starts]
+        least = int(np.argmin(touched))
         warnings.warn(
             f"instance sampler: no lesion-free patch of size {size.tolist()} found in any training case; "
-            f"a negative patch holds {best[0]} lesion voxels",
+            f"a negative patch holds {touched[least]} lesion voxels",
             RuntimeWarning,
             stacklevel=2,
         )
-        return best[1], best[2]
+        return request.case, starts[least]
 
 
 class PosNegSampler(PatchSampler):
