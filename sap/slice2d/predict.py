@@ -1,0 +1,235 @@
+"""``sap slice2d predict``: slice-wise prediction restacked into volumes, and the detector → SAM hybrid.
+
+For every input case the CT volume is cut into display-oriented axial slices, each slice is run
+through the 2D model (or refined by SAM from detector boxes), and the slice probabilities are
+restacked into a volume on the source grid. Outputs per case, like ``sap infer`` (SPEC §8), so
+``sap evaluate --pred OUT`` scores 2D and 3D models in one table:
+
+* ``CASE_prob.nii.gz``: foreground probability (float32 in [0, 1]); with SAM refinement the
+  refined binary mask (0/1);
+* ``CASE_lesions.nii.gz``: connected components (26-connectivity) of the mask at the threshold.
+
+Inputs: a CT file (NIfTI/NRRD/MHA) or DICOM series folder, a case folder holding ``CT.*``, or a
+folder of such case folders (``patients/`` and ``healthy/`` of a cohort included).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cc3d
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from sap.data.io import IMAGE_SUFFIXES, check_writable, read_image, strip_image_suffix, write_image
+from sap.errors import SapError
+from sap.slice2d.data import bone_window, slices_to_volume, volume_to_slices
+from sap.slice2d.models import ModelSpec, build_model, load_state_checked
+from sap.slice2d.train import predict_slices
+
+CT_NAMES = ("CT", "ct")
+
+
+@dataclass
+class SliceModel:
+    """A trained 2D model with what it needs at prediction time."""
+
+    model: torch.nn.Module
+    spec: ModelSpec
+    target: str
+    window: tuple[float, float]
+    threshold: float
+    source: str
+
+
+def load_model_dir(path: str | Path, device: torch.device | str = "cpu") -> SliceModel:
+    """Rebuild the network of a ``sap slice2d train`` folder (or its ``model.pt``) and load its weights."""
+    path = Path(path)
+    file = path / "model.pt" if path.is_dir() else path
+    if not file.is_file():
+        raise SapError(f"{path}: no model.pt (expected a folder written by `sap slice2d train`)")
+    try:
+        payload = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise SapError(f"{file}: cannot read the checkpoint ({str(exc).splitlines()[0][:160]})") from exc
+    if not isinstance(payload, dict) or "spec" not in payload or "state_dict" not in payload:
+        raise SapError(f"{file}: not a sap slice2d checkpoint (no spec/state_dict)")
+    spec = ModelSpec(**payload["spec"])
+    model = build_model(spec)
+    load_state_checked(model, payload["state_dict"], str(file))
+    model.to(device).eval()
+    level, width = payload.get("window", (400.0, 1800.0))
+    return SliceModel(model, spec, payload.get("target", "lesions"), (float(level), float(width)), float(payload.get("threshold", 0.5)), str(file))
+
+
+def find_inputs(path: str | Path) -> list[tuple[str, Path]]:
+    """(case id, CT path) pairs of an input file, case folder or folder of case folders."""
+    path = Path(path)
+    if not path.exists():
+        raise SapError(f"{path}: input not found")
+    if path.is_file():
+        return [(strip_image_suffix(path.name), path)]
+
+    def ct_of(folder: Path) -> Path | None:
+        for name in CT_NAMES:
+            for suffix in IMAGE_SUFFIXES:
+                if (folder / f"{name}{suffix}").is_file():
+                    return folder / f"{name}{suffix}"
+            if (folder / name).is_dir():
+                return folder / name
+        return None
+
+    own = ct_of(path)
+    if own is not None:
+        return [(path.name, own)]
+    if any(p.suffix.lower() == ".dcm" for p in path.iterdir() if p.is_file()):
+        return [(path.name, path)]  # a DICOM series folder
+    groups = [path / g for g in ("patients", "healthy") if (path / g).is_dir()] or [path]
+    found = []
+    for group in groups:
+        for case_dir in sorted(p for p in group.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            ct = ct_of(case_dir)
+            if ct is not None:
+                found.append((case_dir.name, ct))
+        found += [(strip_image_suffix(p.name), p) for p in sorted(group.iterdir()) if p.is_file() and p.name.endswith(IMAGE_SUFFIXES)]
+    if not found:
+        raise SapError(f"{path}: no CT image found (expected a file, CASE/CT.nii.gz or folders of those)")
+    ids = [case for case, _ in found]
+    duplicates = sorted({c for c in ids if ids.count(c) > 1})
+    if duplicates:
+        raise SapError(f"{path}: case id collision: {', '.join(duplicates)}")
+    return found
+
+
+def predict_volume(model: SliceModel, hu: np.ndarray, batch_size: int = 8, device: torch.device | str = "cpu") -> np.ndarray:
+    """Canonical (X, Y, Z) HU volume → restacked foreground probability volume (float32)."""
+    slices = volume_to_slices(bone_window(hu, *model.window))
+    probs = predict_slices(model.model, model.spec.kind, list(slices), model.spec.image_size, batch_size, device)
+    return slices_to_volume(np.stack(probs)).astype(np.float32)
+
+
+def refine_volume(
+    prompter: Any,
+    hu: np.ndarray,
+    window: tuple[float, float],
+    detector_mask: np.ndarray | None = None,
+    instances: np.ndarray | None = None,
+    expansion: float = 1.1,
+    crop_factor: float | None = 2.0,
+    progress: bool = False,
+) -> np.ndarray:
+    """Detector → SAM hybrid on a volume: boxes per axial slice, SAM masks pasted back (bool volume).
+
+    Boxes come from the 4-connected components of ``detector_mask`` in each slice (a 2D detector),
+    or from each 3D component of ``instances`` cut by the slice (the 3D lesion model).
+    """
+    from sap.slice2d.sam import boxes_from_instances, boxes_from_mask, refine_with_sam
+
+    images = volume_to_slices(bone_window(hu, *window))
+    source = volume_to_slices(instances if instances is not None else detector_mask)
+    out = np.zeros(images.shape, dtype=bool)
+    for k in tqdm(range(len(images)), desc="slice2d: SAM refinement", unit="slice", disable=not progress):
+        if not source[k].any():
+            continue
+        boxes = boxes_from_instances(source[k]) if instances is not None else boxes_from_mask(source[k] > 0)
+        out[k] = refine_with_sam(prompter, images[k], boxes, expansion, crop_factor)
+    return slices_to_volume(out)
+
+
+def _write_outputs(prob: np.ndarray, geometry, out: Path, case_id: str, threshold: float, overwrite: bool) -> None:
+    write_image(prob.astype(np.float32), geometry, out / f"{case_id}_prob.nii.gz", overwrite=overwrite)
+    labels = cc3d.connected_components(prob >= threshold, connectivity=26).astype(np.uint16)
+    write_image(labels, geometry, out / f"{case_id}_lesions.nii.gz", overwrite=overwrite)
+
+
+def predict_cases(
+    input_path: str | Path,
+    out_dir: str | Path,
+    model_dir: str | Path | None = None,
+    sam_dir: str | Path | None = None,
+    sam_family: str = "sam",
+    boxes_from: str | Path | None = None,
+    threshold: float | None = None,
+    expansion: float = 1.1,
+    crop_factor: float | None = 2.0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[Path]:
+    """Predict every input case; returns the written probability files.
+
+    ``model_dir`` alone: the 2D model's restacked probabilities. With ``sam_dir`` too: the model is
+    the detector and SAM refines its boxes. ``boxes_from`` (a folder of a 3D model's
+    ``CASE_lesions.nii.gz`` or ``CASE_prob.nii.gz``) replaces the 2D detector.
+    """
+    if model_dir is None and boxes_from is None:
+        raise SapError("give --model-dir (a 2D model) or --boxes-from (a 3D model's predictions) with --sam-refine")
+    if boxes_from is not None and sam_dir is None:
+        raise SapError("--boxes-from needs --sam-refine SAM_DIR (the boxes are refined by SAM)")
+    cases = find_inputs(input_path)
+    out = Path(out_dir)
+    for case_id, _ in cases:  # refuse before any work (SPEC §13)
+        check_writable(out / f"{case_id}_prob.nii.gz", overwrite)
+        check_writable(out / f"{case_id}_lesions.nii.gz", overwrite)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model_dir(model_dir, device) if model_dir is not None else None
+    prompter = None
+    if sam_dir is not None:
+        from sap.slice2d.models import load_hf_model
+        from sap.slice2d.sam import SamPrompter
+
+        prompter = SamPrompter(load_hf_model(sam_dir, "sam"), sam_family, device)
+    window = model.window if model is not None else (400.0, 1800.0)
+    cut = threshold if threshold is not None else (model.threshold if model is not None else 0.5)
+    written = []
+    for case_id, ct_path in tqdm(cases, desc="slice2d: predicting", unit="case", disable=not progress or len(cases) < 2):
+        image = read_image(ct_path, dtype=np.float32)
+        if prompter is None:
+            prob = predict_volume(model, image.array, device=device)
+        else:
+            instances = None
+            detector = None
+            if boxes_from is not None:
+                instances = _read_instances(Path(boxes_from), case_id, image, cut)
+            else:
+                detector = predict_volume(model, image.array, device=device) >= cut
+            refined = refine_volume(prompter, image.array, window, detector, instances, expansion, crop_factor, progress)
+            prob = refined.astype(np.float32)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_outputs(prob, image.geometry, out, case_id, cut, overwrite)
+        written.append(out / f"{case_id}_prob.nii.gz")
+    return written
+
+
+def _read_instances(folder: Path, case_id: str, image, threshold: float) -> np.ndarray:
+    """The 3D model's lesion components of a case on the CT grid (instance map or thresholded probability)."""
+    for name, is_instances in ((f"{case_id}_lesions.nii.gz", True), (f"{case_id}_prob.nii.gz", False), (f"{case_id}.nii.gz", False)):
+        path = folder / name
+        if path.is_file():
+            pred = read_image(path)
+            problem = pred.geometry.same_grid(image.geometry)
+            if problem is not None:
+                raise SapError(f"{path} and {image.path} are on different grids ({problem})")
+            if is_instances:
+                return pred.array.astype(np.int64)
+            return cc3d.connected_components(pred.array >= threshold, connectivity=26).astype(np.int64)
+    raise SapError(f"{folder}: no {case_id}_lesions.nii.gz or {case_id}_prob.nii.gz for case {case_id}")
+
+
+def score_restacked_volumes(pred_dir: str | Path, gt_dir: str | Path, out_dir: str | Path, **settings: Any) -> Any:
+    """Score restacked 2D predictions with the 3D lesion rules of SPEC §9 (``sap.metrics``).
+
+    The rules are not duplicated here: this calls ``sap.metrics.evaluate_folder`` when that layer
+    provides it; until then it raises :class:`SapError` pointing to ``sap evaluate``, which reads
+    the same ``CASE_prob.nii.gz`` files.
+    """
+    try:
+        from sap.metrics import evaluate_folder  # type: ignore[attr-defined]
+    except ImportError as exc:
+        raise SapError(
+            "sap.metrics does not provide evaluate_folder yet; score the restacked volumes with "
+            f"`sap evaluate --pred {pred_dir} --gt {gt_dir} --out {out_dir}`"
+        ) from exc
+    return evaluate_folder(pred_dir, gt_dir, out_dir, **settings)

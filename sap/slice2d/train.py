@@ -1,0 +1,327 @@
+"""Training of the 2D slice models (``sap slice2d train``) and the shared batch/predict helpers.
+
+A model folder holds ``model.pt`` (the weights with the best validation Dice, or the last when
+there is no validation subject), ``last.pt``, ``config.yaml`` (the resolved config),
+``split.json`` (patient-level split) and ``log.csv`` (step, loss, validation Dice/IoU). Each
+checkpoint carries the :class:`~sap.slice2d.models.ModelSpec`, so prediction rebuilds the network
+without the pretrained source folder.
+
+Optimisers: the U-Net uses nnU-Net's SGD (Nesterov momentum 0.99, weight decay 3e-5, polynomial
+decay with exponent 0.9, ``slice2d.unet_lr``); the foundation and SAM models use AdamW
+(``slice2d.lr``, ``slice2d.weight_decay``) with cosine decay, as paper 000 trains them.
+No augmentation is applied (paper 000's affine/elastic/colour augmentation is not implemented yet).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from sap.config import Config, Slice2DConfig, save_config
+from sap.data.io import atomic_write_text, check_writable
+from sap.errors import SapError
+from sap.slice2d.data import SliceSet, split_by_patient, target_mask
+from sap.slice2d.metrics import score_slice, summarise
+from sap.slice2d.models import (
+    ModelSpec,
+    build_model,
+    foreground_probability,
+    hf_config_dict,
+    load_hf_model,
+    make_loss,
+    unet_filters,
+)
+
+CHECKPOINT_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------- models
+def create_model(kind: str, settings: Slice2DConfig) -> tuple[torch.nn.Module, ModelSpec]:
+    """A new model of ``kind`` from the config; foundation/SAM weights from their local folders."""
+    size = settings.image_size
+    if kind == "unet":
+        spec = ModelSpec("unet", size, {"filters": unet_filters(size, settings.unet_base_filters, settings.unet_max_filters)})
+        return build_model(spec), spec
+    if kind == "foundation":
+        if not settings.foundation_checkpoint:
+            raise SapError(
+                "--model foundation needs a local DINOv3/DINOv2 folder: --checkpoint DIR "
+                "(or slice2d.foundation_checkpoint); weights are never downloaded"
+            )
+        encoder = load_hf_model(settings.foundation_checkpoint, "foundation encoder")
+        patch = int(encoder.config.patch_size)
+        if size % patch:
+            raise SapError(f"slice2d.image_size {size} is not a multiple of the encoder's patch size {patch}")
+        arch = {
+            "encoder_config": hf_config_dict(encoder),
+            "head_channels": list(settings.foundation_head_channels),
+            "freeze_encoder": settings.freeze_encoder,
+        }
+        spec = ModelSpec("foundation", size, arch)
+        return build_model(spec, pretrained=encoder), spec
+    if kind == "sam":
+        if not settings.sam_checkpoint:
+            raise SapError(
+                "--model sam needs a local SAM/MedSAM folder in transformers format: --checkpoint DIR "
+                "(or slice2d.sam_checkpoint); weights are never downloaded"
+            )
+        sam = load_hf_model(settings.sam_checkpoint, "sam")
+        arch = {
+            "sam_config": hf_config_dict(sam),
+            "adapter_channels": list(settings.sam_adapter_channels),
+            "n_tokens": settings.sam_prompt_tokens,
+            "freeze_encoder": settings.freeze_encoder,
+        }
+        spec = ModelSpec("sam", size, arch)
+        return build_model(spec, pretrained=sam), spec
+    raise SapError(f"--model {kind!r}: choose one of unet, foundation, sam")
+
+
+def make_optimizer(
+    kind: str, model: torch.nn.Module, settings: Slice2DConfig, max_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """nnU-Net SGD + poly decay for the U-Net; AdamW + cosine decay for the others."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    steps = max(1, max_steps)
+    if kind == "unet":
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(
+            params, lr=settings.unet_lr, momentum=0.99, nesterov=True, weight_decay=3e-5
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (1 - min(s, steps - 1) / steps) ** 0.9)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    return optimizer, schedule
+
+
+# ----------------------------------------------------------------------------------- batches
+def to_batch(
+    images: list[np.ndarray], masks: list[np.ndarray] | None, size: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Slices of any size → (B, 1, S, S) images (bilinear) and masks (nearest), float32."""
+    x = torch.stack(
+        [F.interpolate(torch.as_tensor(im, dtype=torch.float32)[None, None], size=(size, size), mode="bilinear", align_corners=False)[0] for im in images]
+    ).to(device)
+    if masks is None:
+        return x, None
+    y = torch.stack(
+        [F.interpolate(torch.as_tensor(m, dtype=torch.float32)[None, None], size=(size, size), mode="nearest")[0] for m in masks]
+    ).to(device)
+    return x, y
+
+
+def training_step(
+    model: torch.nn.Module,
+    loss_fn: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    scaler: torch.amp.GradScaler | None = None,
+) -> float:
+    """One optimiser step on a batch; returns the loss."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(device_type=x.device.type, enabled=scaler is not None):
+        loss = loss_fn(model(x), y)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def predict_slices(
+    model: torch.nn.Module, kind: str, images: list[np.ndarray], size: int, batch_size: int = 8, device: torch.device | str = "cpu"
+) -> list[np.ndarray]:
+    """Foreground probabilities (float32, each at its slice's own size) for display-oriented slices."""
+    model.eval()
+    out: list[np.ndarray] = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        x, _ = to_batch(chunk, None, size, device)
+        prob = foreground_probability(kind, model(x))[:, None]
+        for p, im in zip(prob, chunk, strict=True):
+            resized = F.interpolate(p[None], size=im.shape, mode="bilinear", align_corners=False)[0, 0]
+            out.append(resized.float().cpu().numpy())
+    return out
+
+
+def validate(model: torch.nn.Module, kind: str, val: SliceSet, size: int, threshold: float, device: torch.device | str) -> dict:
+    """Mean per-slice Dice/IoU (empty-slice rule) of the model on a slice set."""
+    probs = predict_slices(model, kind, val.images, size, device=device)
+    scores = [score_slice(p >= threshold, m > 0, distances=False) for p, m in zip(probs, val.masks, strict=True)]
+    return summarise(scores)
+
+
+# ----------------------------------------------------------------------------------- cohort
+def ct_data_config(cfg: Config):
+    """The data section with the single CT channel (``CT.nii.gz`` in case folders)."""
+    if cfg.data.modality == "ct":
+        return cfg.data
+    return replace(cfg.data, modality="ct", channels=["CT"])
+
+
+def load_slice_sets(
+    cfg: Config, target: str, progress: bool = True
+) -> tuple[SliceSet, SliceSet, dict[str, list[str]]]:
+    """Train/validation slices of the cohort with a patient-level split."""
+    from sap.data.cases import discover_cohort
+    from sap.data.preprocess import load_case
+
+    s = cfg.slice2d
+    data_cfg = ct_data_config(cfg)
+    cohort = discover_cohort(data_cfg)
+    cases = [c for c in cohort.cases if (c.lesions if target == "lesions" else c.skeleton) is not None]
+    if not cases:
+        what = "lesion masks (GT)" if target == "lesions" else "skeleton label maps"
+        raise SapError(f"{cohort.root}: no case with {what} for --target {target}")
+    train_ids, val_ids = split_by_patient(
+        [c.case_id for c in cases], [c.subject_id for c in cases], s.val_fraction, s.seed
+    )
+    rng = np.random.default_rng(s.seed)
+    sets = {"train": SliceSet(), "val": SliceSet()}
+    val_set = set(val_ids)
+    for case in tqdm(cases, desc="slice2d: reading cases", unit="case", disable=not progress):
+        loaded = load_case(case, data_cfg)
+        mask = target_mask(loaded.lesions, loaded.skeleton, target, str(case.case_id))
+        side = "val" if case.case_id in val_set else "train"
+        sets[side].add_volume(
+            case.case_id, loaded.image[0], mask, loaded.spacing, s.slice_filter, rng, s.window_level, s.window_width
+        )
+    if not len(sets["train"]):
+        raise SapError(f"{cohort.root}: no training slices after the '{s.slice_filter}' slice filter")
+    return sets["train"], sets["val"], {"train": train_ids, "val": val_ids}
+
+
+# ----------------------------------------------------------------------------------- fit
+def checkpoint_payload(
+    model: torch.nn.Module, spec: ModelSpec, settings: Slice2DConfig, target: str, step: int, val: dict | None
+) -> dict[str, Any]:
+    return {
+        "version": CHECKPOINT_VERSION,
+        "spec": spec.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "target": target,
+        "window": [settings.window_level, settings.window_width],
+        "threshold": settings.threshold,
+        "step": step,
+        "val": json.loads(json.dumps(val or {})),
+    }
+
+
+def save_checkpoint(payload: dict[str, Any], path: Path) -> Path:
+    """``torch.save`` through a temporary sibling and a rename."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(buffer.getvalue())
+    tmp.replace(path)
+    return path
+
+
+def fit(
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    train: SliceSet,
+    val: SliceSet | None,
+    settings: Slice2DConfig,
+    out_dir: Path,
+    target: str,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train for ``settings.max_steps`` steps; write ``model.pt`` (best), ``last.pt`` and ``log.csv``."""
+    device = torch.device(device)
+    model.to(device)
+    kind = spec.kind
+    torch.manual_seed(settings.seed)
+    rng = np.random.default_rng(settings.seed)
+    loss_fn = make_loss(kind)
+    optimizer, schedule = make_optimizer(kind, model, settings, settings.max_steps)
+    scaler = torch.amp.GradScaler("cuda") if settings.amp and device.type == "cuda" else None
+    log_rows: list[dict[str, Any]] = []
+    best_dice, best_step = -math.inf, 0
+    order = rng.permutation(len(train))
+    cursor = 0
+    bar = tqdm(range(1, settings.max_steps + 1), desc=f"slice2d: training {kind}", unit="step", disable=not progress)
+    for step in bar:
+        if cursor + settings.batch_size > len(order):  # a new epoch: fresh order
+            order, cursor = rng.permutation(len(train)), 0
+        idx = order[cursor : cursor + settings.batch_size]
+        cursor += settings.batch_size
+        x, y = to_batch([train.images[i] for i in idx], [train.masks[i] for i in idx], spec.image_size, device)
+        loss = training_step(model, loss_fn, optimizer, x, y, scaler)
+        schedule.step()
+        row: dict[str, Any] = {"step": step, "loss": loss, "val_dice": "", "val_iou": ""}
+        last = step == settings.max_steps
+        if val is not None and len(val) and (step % settings.val_every_steps == 0 or last):
+            scores = validate(model, kind, val, spec.image_size, settings.threshold, device)
+            row.update(val_dice=scores["dice"], val_iou=scores["iou"])
+            dice = scores["dice"] if not math.isnan(scores["dice"]) else -1.0
+            if dice > best_dice:
+                best_dice, best_step = dice, step
+                save_checkpoint(checkpoint_payload(model, spec, settings, target, step, scores), out_dir / "model.pt")
+            bar.set_postfix(loss=f"{loss:.3f}", val_dice=f"{scores['dice']:.3f}")
+        else:
+            bar.set_postfix(loss=f"{loss:.3f}")
+        log_rows.append(row)
+    save_checkpoint(checkpoint_payload(model, spec, settings, target, settings.max_steps, None), out_dir / "last.pt")
+    if val is None or not len(val):  # no validation subject: the last weights are the model
+        save_checkpoint(checkpoint_payload(model, spec, settings, target, settings.max_steps, None), out_dir / "model.pt")
+        best_step = settings.max_steps
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=["step", "loss", "val_dice", "val_iou"])
+    writer.writeheader()
+    writer.writerows(log_rows)
+    atomic_write_text(out_dir / "log.csv", text.getvalue())
+    return {"best_step": best_step, "best_val_dice": None if best_dice == -math.inf else best_dice, "steps": settings.max_steps}
+
+
+def train_slice_model(
+    cfg: Config,
+    out_dir: str | Path,
+    kind: str | None = None,
+    target: str | None = None,
+    checkpoint: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """``sap slice2d train``: read the cohort, split by patient, train, write the model folder."""
+    s = cfg.slice2d
+    kind = kind or s.model
+    target = target or s.target
+    if checkpoint:
+        if kind == "foundation":
+            s.foundation_checkpoint = checkpoint
+        elif kind == "sam":
+            s.sam_checkpoint = checkpoint
+        else:
+            raise SapError("--checkpoint is for --model foundation or sam (the U-Net trains from scratch)")
+    s.model, s.target = kind, target
+    out = Path(out_dir)
+    check_writable(out / "model.pt", overwrite)
+    model, spec = create_model(kind, s)  # before reading data: bad weights fail fast
+    train, val, split = load_slice_sets(cfg, target, progress)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.out = str(out)
+    save_config(cfg, out / "config.yaml")
+    atomic_write_text(out / "split.json", json.dumps({"level": "patient", **split}, indent=2))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    result = fit(model, spec, train, val, s, out, target, device, progress)
+    result.update(n_train_slices=len(train), n_val_slices=len(val), model_dir=str(out))
+    atomic_write_text(out / "train_summary.json", json.dumps(result, indent=2))
+    return result
