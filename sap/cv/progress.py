@@ -29,6 +29,7 @@ class Progress:
     stream: TextIO = field(default_factory=lambda: sys.stderr)
     prefix: str = "sap cv"
     durations: dict[str, float] = field(default_factory=dict)
+    done_before: int = 0  #: steps already shown by a caller (``sap demo`` runs synth first)
 
     def run(self, tasks: list[Task]) -> dict[str, Any]:
         results: dict[str, Any] = {}
@@ -39,7 +40,8 @@ class Progress:
                 left = sum(t.estimate_s for t in tasks[i:])
                 names = ", ".join(t.name for t in remaining[:4]) + (" …" if len(remaining) > 4 else "")
                 eta = f" (~{left / 60:.1f} min of work left)" if left > 0 else ""
-                print(f"{self.prefix} [{i + 1}/{len(tasks)}] {task.name}{eta}"
+                total = self.done_before + len(tasks)
+                print(f"{self.prefix} [{self.done_before + i + 1}/{total}] {task.name}{eta}"
                       + (f" | then: {names}" if names else " | last step"), file=self.stream, flush=True)
             t0 = time.perf_counter()
             results[task.name] = task.run()

@@ -302,7 +302,7 @@ def skeletal_dice(run: RunDir) -> tuple[dict[str, float], float | None] | None:
         return None
     binary = None
     for col in table.columns:
-        if col.lower().endswith(("dice_binary", "dice_skeleton", "dice_bone", "binary_dice")):
+        if col.lower().endswith(("dice_binary", "dice_skeleton", "skeleton_dice", "binary_dice")):
             values = table[col].dropna()
             if len(values):
                 binary = float(values.iloc[-1])
@@ -438,7 +438,8 @@ def build_report(run_root: str | Path, progress: bool = True) -> Path:
     t1 = table1(results)
     t1.to_csv(tab_dir / "table1.csv", index=False)
     b.heading("Table 1: detection and segmentation metrics")
-    b.para("Median with 95 % percentile-bootstrap CI (1000 resamples: exams for case-level metrics, lesions "
+    n_boot = cfg.evaluate.n_bootstrap if cfg else 1000
+    b.para(f"Median with 95 % percentile-bootstrap CI ({n_boot} resamples: exams for case-level metrics, lesions "
            "for Dice/NSD of detected lesions) and 25–75 % quartiles; all test exams pooled over the test folds, "
            "each scored by its own fold model at the tuned threshold.")
     b.table(table1_display(t1))

@@ -25,45 +25,48 @@ def _missing(stage: str, name: str) -> SapError:
 
 # ------------------------------------------------------------------------------------ pretraining
 def pretrain(cfg: Config, stage: str, run_root: Path, resume: bool) -> Path:
-    """Run ``sap pretrain --stage STAGE`` into ``RUN/pretrain/STAGE``; return the checkpoint path."""
-    try:
-        from sap.pretrain import run_pretraining
-    except ImportError as exc:
-        raise _missing("sap.pretrain", "run_pretraining") from exc
+    """Run ``sap pretrain --stage STAGE`` into ``RUN/pretrain/STAGE``; return the best checkpoint.
+
+    Without ``resume`` whatever a killed attempt left before its first checkpoint is replaced
+    (the study's step marker says the stage has not finished).
+    """
+    from sap.pretrain import run_pretrain
+
     cfg = dataclasses.replace(cfg, out=str(run_root))
-    result = run_pretraining(cfg, stage=stage, resume=resume)
-    return Path(result) if result is not None else run_root / "pretrain" / stage / "best.pt"
+    result = run_pretrain(cfg, stage, resume=resume, overwrite=not resume, progress=True)
+    return Path(result.best)
 
 
 # ------------------------------------------------------------------------------------ fine-tuning
 def finetune(cfg: Config, init: str, fold: int, run_root: Path, pretrained: Path | None, resume: bool) -> Path:
-    """Run ``sap finetune --init INIT --fold FOLD`` into ``RUN/{method}/fold_{FOLD}``; return the folder."""
+    """Run ``sap finetune --init INIT --fold FOLD`` into ``RUN/{method}/fold_{FOLD}``."""
     try:
         from sap.finetune import run_finetune
     except ImportError as exc:
         raise _missing("sap.finetune", "run_finetune") from exc
     cfg = dataclasses.replace(cfg, out=str(run_root))
-    result = run_finetune(cfg, init=init, fold=fold, pretrained=pretrained, resume=resume)
-    return Path(result).parent if result is not None and Path(result).is_file() else Path(result or run_root)
+    result = run_finetune(cfg, init, fold, pretrained=pretrained, resume=resume, overwrite=not resume,
+                          progress=True)
+    return Path(getattr(result, "out_dir", run_root))
 
 
 # ------------------------------------------------------------------------------------ inference
-def load_predictor(checkpoint: Path | Sequence[Path], cfg: Config) -> Any:
-    """A loaded model (or ensemble) from ``sap.infer``, reused across cases."""
-    try:
-        from sap.infer import load_model
-    except ImportError as exc:
-        raise _missing("sap.infer", "load_model") from exc
-    return load_model(checkpoint if isinstance(checkpoint, (str, Path)) else list(checkpoint))
+def load_predictor(checkpoint: Path | str, cfg: Config) -> Any:
+    """A loaded lesion model (checkpoint or bundle) from ``sap.infer``, reused across cases."""
+    from sap.infer import load_model
+
+    return load_model(checkpoint, expect_kind="lesion")
 
 
 def predict_probability(predictor: Any, case: Case, cfg: Config) -> tuple[np.ndarray, Any]:
-    """Foreground probability ``(X, Y, Z)`` float32 of one case and the geometry to write it in."""
-    try:
-        from sap.infer import predict_case
-    except ImportError as exc:
-        raise _missing("sap.infer", "predict_case") from exc
-    return predict_case(predictor, case, cfg.infer)
+    """Foreground probability ``(X, Y, Z)`` float32 (canonical, source grid) of one case and the
+    geometry to write it with (the first channel's)."""
+    from sap.data.io import read_geometry
+    from sap.infer import predict
+
+    i = cfg.infer
+    prob = predict(case, predictor, tta=i.tta, overlap=i.overlap, sw_batch_size=i.sw_batch_size, amp=i.amp)
+    return prob, read_geometry(next(iter(case.channels.values())))
 
 
 def set_checkpoint_threshold(path: Path, threshold: float, min_volume_ml: float) -> None:
@@ -76,13 +79,13 @@ def set_checkpoint_threshold(path: Path, threshold: float, min_volume_ml: float)
     save_checkpoint(checkpoint, path)
 
 
-def write_bundle(members: Sequence[Path], threshold: float, min_volume_ml: float, out: Path, **info: Any) -> Path:
+def write_bundle(members: Sequence[Path], threshold: float, min_volume_ml: float, out: Path, method: str,
+                 **info: Any) -> Path:
     """An ensemble bundle ``sap infer --model`` accepts (format owned by ``sap.models.bundle``)."""
-    try:
-        from sap.models.bundle import write_bundle as _write
-    except ImportError as exc:
-        raise _missing("sap.models.bundle", "write_bundle") from exc
-    return _write(list(members), out, threshold=threshold, min_volume_ml=min_volume_ml, **info)
+    from sap.models.bundle import write_bundle as _write
+
+    return _write(out, list(members), threshold=threshold, min_volume_ml=min_volume_ml, method=method,
+                  overwrite=True, **info)
 
 
 # ------------------------------------------------------------------------------------ evaluation

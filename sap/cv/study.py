@@ -295,7 +295,7 @@ class Study:
 
         t, mv, best, _ = tune_threshold(self._tuning_counts(ens_dir), self.cfg.tuning.objective)
         members = [self.fold_checkpoint(method, f) for f in folds]
-        bundle = stages.write_bundle(members, t, mv, out / method, method=method, objective_value=best)
+        bundle = stages.write_bundle(members, t, mv, out / method, method, tuning_objective_value=best)
         atomic_write_text(self.run.method(method) / "ensemble_threshold.json",
                           json.dumps(nan_to_none({"threshold": t, "min_volume_ml": mv, "objective_value": best,
                                                   "bundle": str(bundle)}), indent=1) + "\n")
@@ -340,7 +340,7 @@ def run_study(
     export: str | Path | None = None,
     overwrite: bool = False,
     report: bool = True,
-    progress: bool = True,
+    progress: bool | Progress = True,
 ) -> Path:
     """Run (or resume) a cross-validated study into ``cfg.out``; returns the run folder.
 
@@ -356,7 +356,7 @@ def run_study(
     write_manifest(study.run, cfg, chosen)
     if export is not None and not all_folds:
         raise SapError("--export needs every test fold: run without --folds (finished folds are reused)")
-    runner = Progress(enabled=progress)
+    runner = progress if isinstance(progress, Progress) else Progress(enabled=progress)
     tasks = plan_tasks(study, chosen, fold_list, Path(export) if export else None, report=report and all_folds)
     try:
         runner.run(tasks)

@@ -1,0 +1,228 @@
+"""The study's threshold tuning, pooled evaluation, run-directory rules and report, on a small
+cohort with fabricated fold predictions (tests/cv_fixtures.py; no training here).
+
+Cross-checks: Table 1 against ``sap evaluate`` run separately on the same predictions and
+threshold; the shared threshold against a brute-force E9 search; regions against patients.csv.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sap.cli import main
+from sap.cv.report import build_report
+from sap.cv.rundir import mark_done, parse_folds, parse_methods, settings_hash, step_done
+from sap.errors import SapError
+from tests.cv_fixtures import fabricate_features, fabricate_skeletal_log, make_fake_study
+
+METHODS = ("baseline", "ssl", "sap")
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    s = make_fake_study(tmp_path_factory.mktemp("cv"), methods=METHODS)
+    fabricate_features(s)
+    fabricate_skeletal_log(s)
+    for method in METHODS:
+        assert s.finalize(method)
+    build_report(s.run.root, progress=False)
+    return s
+
+
+def _test_gt_dir(study, tmp: Path) -> Path:
+    """Ground truth of the test cases only (what `sap evaluate --gt` should see)."""
+    gt = tmp / "gt"
+    gt.mkdir()
+    for fold in study.splits.test_folds:
+        for case_id in study.splits.test_cases(fold):
+            shutil.copy(study.cases[case_id].lesions, gt / f"{case_id}.nii.gz")
+    return gt
+
+
+@pytest.mark.parametrize("method", ["baseline", "sap"])
+def test_table1_matches_sap_evaluate_run_separately(study, tmp_path, method):
+    threshold = json.loads(study.run.threshold(method).read_text())["threshold"]
+    out = tmp_path / "eval"
+    rc = main(["evaluate", "--pred", str(study.run.predictions(method)), "--gt", str(_test_gt_dir(study, tmp_path)),
+               "--out", str(out), "--threshold", str(threshold), "--froc", "sweep", "--no-progress"])
+    assert rc == 0
+    separate = json.loads((out / "summary.json").read_text())
+    table = pd.read_csv(study.run.report / "tables" / "table1.csv")
+    rows = table[table["method"] == method]
+    assert len(rows) == 11
+    for _, row in rows.iterrows():
+        if row["key"] == "icc_burden":
+            expected = separate["icc_burden"]["value"]
+            assert row["median"] == pytest.approx(expected, nan_ok=True)
+            continue
+        m = separate["metrics"][row["key"]]
+        assert row["n"] == m["n"], row["key"]
+        if m["n"]:
+            assert row["median"] == pytest.approx(m["median"]), row["key"]
+            assert [row["q25"], row["q75"]] == pytest.approx([m["q25"], m["q75"]]), row["key"]
+    # n_bootstrap differs between the study config (100) and the CLI default; the point
+    # estimates above do not depend on it. Pooled values and the sweep FROC-AUC do not either.
+    pooled = pd.read_csv(study.run.report / "tables" / "pooled.csv").set_index("method")
+    label = {"baseline": "Baseline", "sap": "SAP"}[method]
+    assert pooled.loc[label, "Pooled sensitivity ≥ 1 mL"] == pytest.approx(
+        separate["pooled_sensitivity_1ml"], nan_ok=True)
+    assert pooled.loc[label, "Mean FP ≥ 1 mL per exam"] == pytest.approx(separate["mean_fp_1ml"])
+    auc = float(pooled.loc[label, "FROC-AUC (15 FPPI)"].split()[0])
+    assert auc == pytest.approx(separate["froc"]["auc"], abs=0.005)
+
+
+def test_shared_threshold_maximises_mean_f2_over_fold_model_tuning_pairs(study):
+    """Brute force: for every grid threshold, mean F2 over every (fold model, tuning case) pair
+    with lesions, from counts of `sap.metrics.detection_counts`; lowest of the best wins."""
+    from sap.data.io import read_image
+    from sap.metrics import detection_counts
+
+    method = "sap"
+    record = json.loads(study.run.threshold(method).read_text())
+    grid = study.cfg.tuning.grid
+    objective = []
+    for t in grid:
+        f2s = []
+        for fold in study.splits.test_folds:
+            for case_id in study.splits.tuning_cases():
+                gt = read_image(study.cases[case_id].lesions)
+                prob = read_image(study.run.tuning_predictions(method, fold) / f"{case_id}_prob.nii.gz").array
+                c = detection_counts(prob, gt.array, gt.spacing, threshold=t)
+                if c.n_gt > 0:
+                    f2s.append(c.f2)
+        objective.append(np.mean(f2s))
+    best = max(objective)
+    expected = min(t for t, v in zip(grid, objective, strict=True) if v >= best - 1e-12)
+    assert record["mode"] == "shared"
+    assert record["threshold"] == pytest.approx(expected)
+    assert record["shared"]["objective_value"] == pytest.approx(best)
+    summary = json.loads((study.run.evaluation(method) / "summary.json").read_text())
+    assert summary["settings"]["threshold"] == pytest.approx(expected)
+    assert summary["settings"]["froc"] == "sweep"
+
+
+def test_regions_account_for_every_lesion_and_false_positive(study):
+    for method in METHODS:
+        patients = pd.read_csv(study.run.evaluation(method) / "patients.csv")
+        regions = pd.read_csv(study.run.evaluation(method) / "regions.csv")
+        gt = regions[regions["kind"] == "gt"]
+        pred = regions[regions["kind"] == "pred"]
+        assert len(gt) == patients["n_gt"].sum()
+        assert gt["matched"].sum() == patients["detected"].sum()
+        assert (~pred["matched"]).sum() == patients["fp"].sum()
+        # the fixture skeleton has five labelled slabs; lesions outside them are rib/other
+        assert set(regions["region"]) <= {"cervical_spine", "thoracic_spine", "lumbar_spine", "pelvis", "femurs",
+                                          "rib/other"}
+    table = pd.read_csv(study.run.report / "tables" / "regions.csv")
+    sap_rows = table[table["method"] == "sap"]
+    regions = pd.read_csv(study.run.evaluation("sap") / "regions.csv")
+    assert sap_rows["n_lesions"].sum() == (regions["kind"] == "gt").sum()
+
+
+def test_report_files_state_scale_and_research_use(study):
+    report = study.run.report
+    md = (report / "report.md").read_text()
+    html = (report / "report.html").read_text()
+    for text in (md, html):
+        assert "shows the pipeline, not evidence" in text
+        assert "Research use only" in text
+    figures = sorted(p.name for p in (report / "figures").glob("*.png"))
+    assert figures == ["boxplots.png", "froc.png", "overlays.png", "regions.png", "skeletal_dice.png", "tsne.png",
+                       "volume.png"]
+    for name in figures:
+        data = (report / "figures" / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) < 200_000
+        assert f"figures/{name}" in md
+    # self-contained HTML: every figure embedded, nothing linked
+    assert html.count("data:image/png;base64,") == len(figures)
+    assert 'src="figures/' not in html
+    sig = pd.read_csv(report / "tables" / "significance.csv")
+    assert {"p", "p_adj", "stars"} <= set(sig.columns)
+    assert len(sig) == 3 * len(sig["metric"].unique())  # three method pairs per metric
+
+
+def test_tsne_distances_are_computed_in_feature_space(study):
+    from sap.cv.report import tsne_embeddings
+
+    emb = tsne_embeddings(study.run)
+    for method in ("ssl", "sap"):
+        data = np.load(study.run.features / f"{method}.npz")
+        f, lab = data["features"].astype(float), data["label"]
+        c1, c0 = f[lab == 1].mean(0), f[lab == 0].mean(0)
+        assert emb[method]["centroid_distance"] == pytest.approx(np.linalg.norm(c1 - c0))
+        assert emb[method]["perplexity"] == pytest.approx(min(15, (len(lab) - 1) / 3))
+        assert emb[method]["xy"].shape == (len(lab), 2)
+    # the fixture shifts SAP's lesion features further from the negatives than SSL's
+    assert emb["sap"]["centroid_distance"] > emb["ssl"]["centroid_distance"]
+
+
+def test_sap_report_rebuilds_from_disk(study, capsys):
+    md = study.run.report / "report.md"
+    md.unlink()
+    assert main(["report", "--run", str(study.run.root)]) == 0
+    assert md.is_file()
+
+
+def test_per_fold_thresholds_evaluate_each_fold_at_its_own(tmp_path):
+    from sap.data.io import read_image
+    from sap.metrics import EvaluationSettings, evaluate_case
+
+    s = make_fake_study(tmp_path, methods=("sap",), threshold_mode="per_fold")
+    assert s.finalize("sap")
+    record = json.loads(s.run.threshold("sap").read_text())
+    assert record["mode"] == "per_fold" and record["threshold"] is None
+    patients = pd.read_csv(s.run.evaluation("sap") / "patients.csv", dtype={"case": str}).set_index("case")
+    for fold in s.splits.test_folds:
+        t = record["folds"][str(fold)]["threshold"]
+        for case_id in s.splits.test_cases(fold):
+            gt = read_image(s.cases[case_id].lesions)
+            prob = read_image(s.run.predictions("sap") / f"{case_id}_prob.nii.gz").array
+            row = evaluate_case(prob, gt.array, gt.spacing, EvaluationSettings(threshold=t)).row
+            assert patients.loc[case_id, "n_pred"] == row["n_pred"]
+            assert patients.loc[case_id, "detected"] == row["detected"]
+
+
+def test_finalize_waits_for_missing_folds(tmp_path):
+    s = make_fake_study(tmp_path, methods=("baseline",))
+    (s.run.fold("baseline", 2) / "predict.done.json").unlink()
+    assert s.finalize("baseline") is False
+    assert not (s.run.evaluation("baseline") / "summary.json").exists()
+
+
+# ------------------------------------------------------------------------------------ run dir
+def test_step_markers_reuse_refuse_and_overwrite(tmp_path):
+    mark_done(tmp_path, "finetune", "abc", 1.5, checkpoint="x")
+    assert step_done(tmp_path, "finetune", "abc")
+    assert not step_done(tmp_path, "predict", "abc")
+    with pytest.raises(SapError, match="another config"):
+        step_done(tmp_path, "finetune", "other")
+    assert not step_done(tmp_path, "finetune", "other", overwrite=True)
+    assert not (tmp_path / "finetune.done.json").exists()
+
+
+def test_settings_hash_ignores_paths_and_unrelated_sections():
+    from sap.config import load_config
+    from sap.cv.rundir import FOLD_SECTIONS
+
+    a = load_config("tiny")
+    b = load_config("tiny", ["cv.threshold=per_fold", "evaluate.n_bootstrap=10", "cv.methods=[sap]"])
+    b.data.root, b.out = "/elsewhere", "/run2"
+    assert settings_hash(a, FOLD_SECTIONS) == settings_hash(b, FOLD_SECTIONS)
+    c = load_config("tiny", ["finetune.max_steps=4"])
+    assert settings_hash(a, FOLD_SECTIONS) != settings_hash(c, FOLD_SECTIONS)
+
+
+def test_method_and_fold_parsing():
+    assert parse_methods("sap,scratch", ["baseline"]) == ["baseline", "sap"]
+    assert parse_folds("2,1", 3) == [1, 2]
+    assert parse_folds(None, 4) == [1, 2, 3]
+    with pytest.raises(SapError, match="not a test fold"):
+        parse_folds("0", 3)
+    with pytest.raises(SapError, match="unknown method"):
+        parse_methods("unet", ["sap"])
