@@ -218,18 +218,18 @@ def _read_instances(folder: Path, case_id: str, image, threshold: float) -> np.n
     raise SapError(f"{folder}: no {case_id}_lesions.nii.gz or {case_id}_prob.nii.gz for case {case_id}")
 
 
-def score_restacked_volumes(pred_dir: str | Path, gt_dir: str | Path, out_dir: str | Path, **settings: Any) -> Any:
-    """Score restacked 2D predictions with the 3D lesion rules of SPEC §9 (``sap.metrics``).
+def score_restacked_volumes(
+    cases: list[tuple[str, np.ndarray, np.ndarray, tuple[float, float, float]]], threshold: float = 0.5
+) -> tuple[list[Any], dict[str, Any]]:
+    """Score restacked 2D predictions with the 3D lesion rules of SPEC §9, so 2D and 3D models share a table.
 
-    The rules are not duplicated here: this calls ``sap.metrics.evaluate_folder`` when that layer
-    provides it; until then it raises :class:`SapError` pointing to ``sap evaluate``, which reads
-    the same ``CASE_prob.nii.gz`` files.
+    ``cases``: (case id, restacked probability (X, Y, Z), ground-truth mask (X, Y, Z), spacing mm).
+    Calls :func:`sap.metrics.evaluate_case` per case and :func:`sap.metrics.summarize` (no second
+    copy of the rules); returns (per-case results, summary). ``sap evaluate --pred OUT`` does the
+    same from the files ``predict`` writes.
     """
-    try:
-        from sap.metrics import evaluate_folder  # type: ignore[attr-defined]
-    except ImportError as exc:
-        raise SapError(
-            "sap.metrics does not provide evaluate_folder yet; score the restacked volumes with "
-            f"`sap evaluate --pred {pred_dir} --gt {gt_dir} --out {out_dir}`"
-        ) from exc
-    return evaluate_folder(pred_dir, gt_dir, out_dir, **settings)
+    from sap.metrics import EvaluationSettings, evaluate_case, summarize
+
+    settings = EvaluationSettings(threshold=threshold)
+    results = [evaluate_case(prob, gt, spacing, settings, case_id) for case_id, prob, gt, spacing in cases]
+    return results, summarize(results, settings)

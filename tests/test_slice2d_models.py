@@ -1,0 +1,340 @@
+"""sap.slice2d networks: each model overfits a fixed batch, tiny SAM prompting end to end, the hybrid,
+and the ``sap slice2d`` commands on a small CT cohort (tiny random configs of the real classes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sap.cli import main
+from sap.config import Slice2DConfig
+from sap.data.io import make_geometry, read_image, write_image
+from sap.errors import SapError
+from sap.slice2d import prompts as p
+from sap.slice2d.metrics import dice_iou
+from sap.slice2d.models import (
+    ModelSpec,
+    build_model,
+    foreground_probability,
+    load_state_checked,
+    make_loss,
+    unet_filters,
+)
+from sap.slice2d.sam import SamPrompter, boxes_from_instances, boxes_from_mask, expand_box, refine_with_sam
+from sap.slice2d.train import make_optimizer, training_step
+
+SIZE = 64
+
+
+def tiny_sam_config(image_size: int = SIZE):
+    from transformers import SamConfig
+    from transformers.models.sam.configuration_sam import (
+        SamMaskDecoderConfig,
+        SamPromptEncoderConfig,
+        SamVisionConfig,
+    )
+
+    vision = SamVisionConfig(
+        hidden_size=32, output_channels=32, num_hidden_layers=2, num_attention_heads=2, image_size=image_size,
+        patch_size=8, window_size=4, global_attn_indexes=[1], num_pos_feats=16, mlp_dim=64,
+    )  # fmt: skip
+    prompt = SamPromptEncoderConfig(hidden_size=32, image_size=image_size, patch_size=8, mask_input_channels=8)
+    decoder = SamMaskDecoderConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64, iou_head_hidden_dim=32)
+    return SamConfig(vision_config=vision.to_dict(), prompt_encoder_config=prompt.to_dict(), mask_decoder_config=decoder.to_dict())
+
+
+def tiny_dino_config(image_size: int = SIZE):
+    from transformers import DINOv3ViTConfig
+
+    return DINOv3ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=4,
+        image_size=image_size, num_register_tokens=2,
+    )  # fmt: skip
+
+
+def tiny_sam(seed: int = 0):
+    from transformers import SamModel
+
+    torch.manual_seed(seed)
+    return SamModel(tiny_sam_config()).eval()
+
+
+def disc_batch(n: int = 4, size: int = SIZE, seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Bright discs on a noisy background: fixed images and masks."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    images, masks = [], []
+    for _ in range(n):
+        cy, cx, r = rng.integers(18, size - 18), rng.integers(18, size - 18), rng.integers(8, 14)
+        mask = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+        images.append((0.2 + 0.6 * mask + 0.05 * rng.standard_normal((size, size))).astype(np.float32))
+        masks.append(mask.astype(np.uint8))
+    return images, masks
+
+
+# ----------------------------------------------------------------------------------- overfitting
+SPECS = {
+    "unet": (lambda: ModelSpec("unet", SIZE, {"filters": unet_filters(SIZE, 8, 32)}), 30, 0.01),
+    "foundation": (
+        lambda: ModelSpec(
+            "foundation", SIZE, {"encoder_config": tiny_dino_config().to_dict(), "head_channels": [16, 16, 16], "freeze_encoder": False}
+        ),
+        80,
+        3e-3,
+    ),
+    "sam": (
+        lambda: ModelSpec(
+            "sam", SIZE, {"sam_config": tiny_sam_config().to_dict(), "adapter_channels": [8, 16, 16], "n_tokens": 2, "freeze_encoder": False}
+        ),
+        60,
+        3e-3,
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(SPECS))
+def test_each_model_overfits_a_fixed_batch(kind):
+    make_spec, steps, lr = SPECS[kind]
+    torch.manual_seed(0)
+    spec = make_spec()
+    model = build_model(spec)
+    images, masks = disc_batch()
+    x = torch.as_tensor(np.stack(images))[:, None]
+    y = torch.as_tensor(np.stack(masks), dtype=torch.float32)[:, None]
+    settings = Slice2DConfig(image_size=SIZE, lr=lr, unet_lr=lr)
+    optimizer, schedule = make_optimizer(kind, model, settings, steps)
+    loss_fn = make_loss(kind)
+    model.eval()
+    with torch.no_grad():
+        before = foreground_probability(kind, model(x)).numpy()
+    for _ in range(steps):
+        training_step(model, loss_fn, optimizer, x, y)
+        schedule.step()
+    model.eval()
+    with torch.no_grad():
+        logits = model(x)
+        prob = foreground_probability(kind, logits).numpy()
+    assert logits.shape[-2:] == (SIZE, SIZE) and prob.shape == (4, SIZE, SIZE)
+    dice = [dice_iou(prob[i] >= 0.5, masks[i])[0] for i in range(4)]
+    dice_before = [dice_iou(before[i] >= 0.5, masks[i])[0] for i in range(4)]
+    assert np.mean(dice) >= 0.8, dice
+    assert np.mean(dice) > np.nanmean(np.nan_to_num(dice_before)) + 0.2
+
+
+def test_frozen_foundation_encoder_does_not_change():
+    spec = SPECS["foundation"][0]()
+    spec.arch["freeze_encoder"] = True
+    model = build_model(spec)
+    encoder_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    head_before = {k: v.clone() for k, v in model.head.state_dict().items()}
+    images, masks = disc_batch(2)
+    x = torch.as_tensor(np.stack(images))[:, None]
+    y = torch.as_tensor(np.stack(masks), dtype=torch.float32)[:, None]
+    optimizer, _ = make_optimizer("foundation", model, Slice2DConfig(lr=1e-2), 3)
+    for _ in range(3):
+        training_step(model, make_loss("foundation"), optimizer, x, y)
+    assert all(torch.equal(v, model.encoder.state_dict()[k]) for k, v in encoder_before.items())
+    assert any(not torch.equal(v, model.head.state_dict()[k]) for k, v in head_before.items() if v.is_floating_point())
+
+
+def test_checkpoint_that_does_not_fit_is_refused_with_counts():
+    spec = ModelSpec("unet", SIZE, {"filters": [8, 16, 32]})
+    model = build_model(spec)
+    state = build_model(ModelSpec("unet", SIZE, {"filters": [8, 16, 16]})).state_dict()
+    with pytest.raises(SapError, match="shape-mismatched"):
+        load_state_checked(model, state, "other.pt")
+
+
+# ----------------------------------------------------------------------------------- zero-shot SAM
+def test_prompt_tensors_use_sam_xy_and_the_resize_scale():
+    prompter = SamPrompter(tiny_sam())
+    image = np.zeros((32, 48), np.float32)  # longest side 48 → encoder 64, 32 rows → round(42.7) = 43
+    emb = prompter.embed(image)
+    sy, sx = 43 / 32, 64 / 48  # per-axis factors of the rounded size, as SAM's ResizeLongestSide
+    assert emb.scale == pytest.approx((sy, sx)) and emb.resized == (43, 64)
+    prompts = [
+        p.Prompt(box=(2, 4, 10, 20), points=np.array([[10.0, 20.0]]), labels=np.array([1])),
+        p.Prompt(box=(12, 30, 20, 40), points=np.array([[15.0, 35.0], [1.0, 1.0]]), labels=np.array([1, 0])),
+    ]
+    t = prompter._prompt_tensors(emb, prompts)
+    np.testing.assert_allclose(t["input_boxes"][0, 0].numpy(), [4 * sx, 2 * sy, 20 * sx, 10 * sy], rtol=1e-6)
+    np.testing.assert_allclose(t["input_points"][0, 0, 0].numpy(), [20 * sx, 10 * sy], rtol=1e-6)
+    assert t["input_labels"][0].tolist() == [[1, -10], [1, 0]]  # -10 pads the shorter prompt
+    mask = prompter.predict(emb, prompts)
+    assert mask.shape == (32, 48) and mask.dtype == bool
+
+
+def test_medsam_takes_box_prompts_only():
+    prompter = SamPrompter(tiny_sam(), family="medsam")
+    emb = prompter.embed(np.random.default_rng(0).random((40, 40)).astype(np.float32))
+    assert emb.resized == (SIZE, SIZE)
+    with pytest.raises(ValueError, match="box"):
+        prompter.predict(emb, [p.Prompt(box=None, points=np.array([[5.0, 5.0]]), labels=np.array([1]))])
+
+
+def test_tiny_sam_runs_one_strategy_end_to_end():
+    from sap.slice2d.bench import BenchSlice, run_prompt_bench
+
+    images, masks = disc_batch(2, size=48)
+    labels = [m.astype(np.int64) for m in masks]
+    labels[1][2:8, 2:8] = 2  # a second class in the second slice
+    slices = [BenchSlice("case", k, images[k], labels[k], (0.8, 0.8)) for k in range(2)]
+
+    class CountingPrompter(SamPrompter):
+        embeds = 0
+
+        def embed(self, image):
+            CountingPrompter.embeds += 1
+            return super().embed(image)
+
+    prompter = CountingPrompter(tiny_sam())
+    rows, summary = run_prompt_bench(prompter, slices, ["box+center_5C"], seed=0)
+    assert CountingPrompter.embeds == 2  # one image embedding per slice, reused for both classes
+    assert [(r["slice"], r["class"]) for r in rows] == [(0, 1), (1, 1), (1, 2)]
+    assert all(r["strategy"] == "box+center_5C" and r["n_components"] == 1 for r in rows)
+    assert all(0.0 <= r["dice"] <= 1.0 for r in rows)
+    (s,) = summary
+    assert s["n"] == 3 and s["seconds_per_slice"] > 0
+    assert s["dice"] == pytest.approx(np.mean([r["dice"] for r in rows]))
+
+
+# ----------------------------------------------------------------------------------- hybrid
+def test_box_expansion_and_detector_boxes():
+    assert expand_box((10, 10, 19, 19), 2.0, (100, 100)) == (5, 5, 24, 24)
+    assert expand_box((0, 0, 9, 9), 2.0, (12, 100)) == (0, 0, 11, 14)  # clipped at the image edge
+    assert expand_box((3, 4, 8, 9), 1.0, (50, 50)) == (3, 4, 8, 9)
+    mask = np.zeros((30, 30), bool)
+    mask[2:5, 2:6] = True
+    mask[10:20, 15:18] = True
+    assert boxes_from_mask(mask) == [(2, 2, 4, 5), (10, 15, 19, 17)]
+    instances = np.zeros((30, 30), np.int64)
+    instances[2:5, 2:6] = 7
+    instances[6:8, 2:6] = 7  # one 3D component, two pieces in this slice: one box
+    assert boxes_from_instances(instances) == [(2, 2, 7, 5)]
+
+
+def test_hybrid_refinement_pastes_crops_back_inside_their_region():
+    prompter = SamPrompter(tiny_sam())
+    images, _ = disc_batch(1, size=48)
+    box = (20, 20, 25, 25)
+    refined = refine_with_sam(prompter, images[0], [box], expansion=1.2, crop_factor=2.0)
+    r0, c0, r1, c1 = expand_box(expand_box(box, 1.2, (48, 48)), 2.0, (48, 48))
+    outside = refined.copy()
+    outside[r0 : r1 + 1, c0 : c1 + 1] = False
+    assert refined.shape == (48, 48) and not outside.any()
+    assert not refine_with_sam(prompter, images[0], []).any()
+
+
+# ----------------------------------------------------------------------------------- commands
+@pytest.fixture(scope="module")
+def ct_cohort(tmp_path_factory) -> Path:
+    """Three patients (one a second exam of the same subject) with CT, lesion mask and skeleton."""
+    root = tmp_path_factory.mktemp("ct_cohort")
+    rng = np.random.default_rng(0)
+    shape = (40, 36, 6)
+    geometry = make_geometry(shape, (2.0, 2.5, 4.0), axcodes="LPS")
+    xx, yy, zz = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    for i, case in enumerate(("p0", "p1", "p2")):
+        bone = (xx - 20) ** 2 + (yy - 18) ** 2 < 100
+        lesion = ((xx - 18 - i) ** 2 + (yy - 16) ** 2 < 12) & (zz >= 1) & (zz <= 4)
+        hu = np.where(bone, 700, 0) + np.where(lesion, -300, 0) + rng.normal(0, 20, shape)
+        folder = root / "patients" / case
+        folder.mkdir(parents=True)
+        write_image(hu.astype(np.int16), geometry, folder / "CT.nii.gz")
+        write_image(lesion.astype(np.uint8), geometry, folder / "GT.nii.gz")
+        write_image((bone * (4 + (xx > 25))).astype(np.uint8), geometry, folder / "skeleton.nii.gz")
+    (root / "patients" / "subjects.csv").write_text("case_id,subject_id\np0,a\np1,a\np2,b\n")
+    return root
+
+
+def test_train_predict_and_refuse_to_overwrite(ct_cohort, tmp_path, capsys):
+    import json
+
+    run = tmp_path / "unet"
+    args = ["slice2d", "train", "--config", "tiny", "--data", str(ct_cohort), "--out", str(run),
+            "--set", "slice2d.max_steps=2", "--set", "slice2d.val_fraction=0.5"]  # fmt: skip
+    assert main(args) == 0
+    split = json.loads((run / "split.json").read_text())
+    assert split["level"] == "patient"
+    assert {"p0", "p1"} <= set(split["train"]) or {"p0", "p1"} <= set(split["val"])  # subject a never split
+    assert (run / "model.pt").is_file() and (run / "config.yaml").is_file() and (run / "log.csv").is_file()
+    before = (run / "model.pt").read_bytes()
+    assert main(args) == 2  # exists: refused, nothing overwritten
+    assert "--overwrite" in capsys.readouterr().err and (run / "model.pt").read_bytes() == before
+
+    out = tmp_path / "pred"
+    assert main(["slice2d", "predict", "--model-dir", str(run), "-i", str(ct_cohort), "-o", str(out)]) == 0
+    ct = read_image(ct_cohort / "patients" / "p1" / "CT.nii.gz")
+    prob = read_image(out / "p1_prob.nii.gz")
+    assert prob.geometry.same_grid(ct.geometry) is None
+    assert prob.array.dtype == np.float32 and 0.0 <= prob.array.min() and prob.array.max() <= 1.0
+    assert (out / "p1_lesions.nii.gz").is_file() and (out / "p2_prob.nii.gz").is_file()
+    written = (out / "p1_prob.nii.gz").read_bytes()
+    assert main(["slice2d", "predict", "--model-dir", str(run), "-i", str(ct_cohort), "-o", str(out)]) == 2
+    assert (out / "p1_prob.nii.gz").read_bytes() == written
+
+    # restacked volumes scored with the 3D rules of sap.metrics
+    from sap.slice2d.predict import score_restacked_volumes
+
+    gt = read_image(ct_cohort / "patients" / "p1" / "GT.nii.gz")
+    results, summary = score_restacked_volumes([("p1", prob.array, gt.array, gt.spacing)])
+    assert summary["n_cases"] == 1 and results[0].row["n_gt"] == 1
+
+
+def test_foundation_and_sam_train_from_local_folders_only(ct_cohort, tmp_path):
+    from transformers import DINOv3ViTModel, SamModel
+
+    dino_dir, sam_dir = tmp_path / "dino", tmp_path / "sam"
+    DINOv3ViTModel(tiny_dino_config()).save_pretrained(dino_dir)
+    SamModel(tiny_sam_config()).save_pretrained(sam_dir)
+    for kind, folder in (("foundation", dino_dir), ("sam", sam_dir)):
+        run = tmp_path / kind
+        assert main(["slice2d", "train", "--config", "tiny", "--data", str(ct_cohort), "--out", str(run),
+                     "--model", kind, "--checkpoint", str(folder), "--target", "bone",
+                     "--set", "slice2d.max_steps=1"]) == 0  # fmt: skip
+        from sap.slice2d.predict import load_model_dir
+
+        loaded = load_model_dir(run)  # rebuilt from the stored spec, without the source folder
+        assert loaded.spec.kind == kind and loaded.target == "bone"
+    with pytest.raises(SapError, match="config.json"):
+        from sap.slice2d.models import load_hf_model
+
+        load_hf_model(tmp_path, "sam")
+    assert main(["slice2d", "train", "--config", "tiny", "--data", str(ct_cohort), "--out", str(tmp_path / "x"),
+                 "--model", "sam"]) == 2  # fmt: skip
+
+
+def test_prompt_bench_and_hybrid_commands(ct_cohort, tmp_path):
+    import csv
+
+    from transformers import SamModel
+
+    sam_dir = tmp_path / "sam"
+    torch.manual_seed(0)
+    SamModel(tiny_sam_config()).save_pretrained(sam_dir)
+    out = tmp_path / "bench"
+    assert main(["slice2d", "prompt-bench", "--config", "tiny", "--checkpoint", str(sam_dir), "--data", str(ct_cohort),
+                 "--out", str(out), "--strategies", "box_1C,pos1+neg1_5C",
+                 "--max-slices", "3"]) == 0  # fmt: skip
+    summary = list(csv.DictReader((out / "summary.csv").open()))
+    assert [r["strategy"] for r in summary] == ["box_1C", "pos1+neg1_5C"]
+    rows = list(csv.DictReader((out / "prompt_bench.csv").open()))
+    assert {r["class"] for r in rows} == {"4", "5"} and len({(r["case"], r["slice"]) for r in rows}) == 3
+    assert main(["slice2d", "prompt-bench", "--config", "tiny", "--checkpoint", str(sam_dir), "--data", str(ct_cohort),
+                 "--out", str(out), "--family", "medsam", "--strategies", "center_1C"]) == 2  # fmt: skip
+
+    # detector → SAM: boxes from a "3D model's" instance map
+    pred3d = tmp_path / "pred3d"
+    gt = read_image(ct_cohort / "patients" / "p0" / "GT.nii.gz")
+    write_image(gt.array.astype(np.uint16), gt.geometry, pred3d / "p0_lesions.nii.gz")
+    hybrid = tmp_path / "hybrid"
+    assert main(["slice2d", "predict", "--boxes-from", str(pred3d), "--sam-refine", str(sam_dir),
+                 "-i", str(ct_cohort / "patients" / "p0"), "-o", str(hybrid)]) == 0  # fmt: skip
+    refined = read_image(hybrid / "p0_prob.nii.gz")
+    assert refined.geometry.same_grid(gt.geometry) is None
+    assert set(np.unique(refined.array)) <= {0.0, 1.0}
+    slices_without_boxes = ~gt.array.reshape(-1, gt.array.shape[2]).any(axis=0)
+    assert not refined.array[:, :, slices_without_boxes].any()  # nothing where there is no box
