@@ -77,8 +77,6 @@ def draw(cohort: Path, out: Path) -> Path:
                 ax.contour(_coronal(lesions, y), levels=[0.5], colors="red", linewidths=1.0)
             ax.set_title(f"{case['case_id']}: {title}", color="white", fontsize=8)
             ax.axis("off")
-        n_in_slice = 0 if lesions is None else int(np.unique(_coronal(lesions, y)).size > 1)
-        del n_in_slice
     handles = [Patch(color=REGION_COLOURS[i], label=SKELETON_CLASSES[i].replace("_", " ")) for i in range(1, 10)]
     handles.append(Patch(edgecolor="red", facecolor="none", label="lesion outline"))
     fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=7, frameon=False, labelcolor="white")
