@@ -98,12 +98,14 @@ def random_block_mask(
     max_fraction: float = 0.3,
     max_block_fraction: float = 0.25,
     max_tries: int = 200,
+    blocks: list[tuple[slice, slice, slice]] | None = None,
 ) -> np.ndarray:
     """Boolean mask of rectangular blocks covering at most ``max_fraction`` of ``shape``.
 
     Each block spans 1 … ``max_block_fraction`` × the axis length along each axis (at least one
     voxel). Blocks are added while the union stays within the budget; the result covers between
-    a few blocks' worth and ``max_fraction`` of the volume, never more.
+    a few blocks' worth and ``max_fraction`` of the volume, never more. Pass a list as ``blocks``
+    to receive the blocks used.
     """
     if not 0 < max_fraction <= 1 or not 0 < max_block_fraction <= 1:
         raise SapError(f"SSL masking fractions must lie in (0, 1], got {max_fraction}, {max_block_fraction}")
@@ -120,6 +122,8 @@ def random_block_mask(
             continue
         mask[block] = True
         covered += new
+        if blocks is not None:
+            blocks.append(block)
         if covered >= 0.95 * budget:
             break
     return mask

@@ -279,7 +279,8 @@ def train_loop(
                     row.update(extra)
             if logger is not None:
                 logger.log(loop.step, row)
-            bar.set_postfix(loss=f"{float(values.get('loss', float(loss))):.4f}")
+            shown = values["loss"] if "loss" in values else float(loss.detach())
+            bar.set_postfix(loss=f"{float(shown):.4f}")
             bar.update(1)
             if stop_after is not None and loop.step >= stop_after:
                 break

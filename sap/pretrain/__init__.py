@@ -1,0 +1,36 @@
+"""Pretraining stages (SPEC §6): ``skeletal`` (supervised anatomical) and ``ssl`` (Tang et al.).
+
+``sap pretrain --stage skeletal|ssl`` and ``python -m sap.pretrain`` call
+:func:`run_pretrain`; both stages also run under ``accelerate launch -m sap.pretrain``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sap.config import Config
+    from sap.pretrain.common import PretrainResult
+
+
+def run_pretrain(
+    cfg: Config,
+    stage: str,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> PretrainResult:
+    """Run one pretraining stage with a validated config; outputs in ``RUN/pretrain/<stage>``."""
+    from sap.errors import SapError
+
+    if stage == "skeletal":
+        from sap.pretrain.skeletal import train_skeletal
+
+        return train_skeletal(cfg, resume=resume, overwrite=overwrite, progress=progress, stop_after=stop_after)
+    if stage == "ssl":
+        from sap.pretrain.ssl import train_ssl
+
+        return train_ssl(cfg, resume=resume, overwrite=overwrite, progress=progress, stop_after=stop_after)
+    raise SapError(f"unknown pretraining stage {stage!r}; choose skeletal or ssl")
