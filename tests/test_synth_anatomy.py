@@ -99,3 +99,28 @@ def test_discovery_in_a_folder_of_scans(shared_data):
     assert {"ct_abdomen_pelvis", "ct_small", "ct_upper_abdomen_dicom", "mr_abdomen"} <= set(sources)
     assert sources["ct_upper_abdomen_dicom"].image.endswith("dicom")
     assert "verse004" not in sources and "ct_chest_crop" not in sources
+
+
+def test_labels_on_another_grid_are_refused(tmp_path):
+    from sap.data.io import make_geometry, write_image
+
+    scan = tmp_path / "scan"
+    write_image(np.zeros((8, 8, 8), np.int16), make_geometry((8, 8, 8), (3.0, 3.0, 3.0)), scan / "ct.nii.gz")
+    write_image(np.zeros((8, 8, 9), np.uint8), make_geometry((8, 8, 9), (3.0, 3.0, 3.0)), scan / "labels_totalseg.nii.gz")
+    with pytest.raises(SapError, match=r"labels_totalseg.nii.gz: not on the grid of .*ct.nii.gz \(size"):
+        make_cohort(tmp_path / "out", preset="tiny", modality="ct", anatomy=scan)
+    assert not (tmp_path / "out").exists()
+
+
+def test_labels_outside_the_class_table_are_refused(tmp_path):
+    from sap.data.io import make_geometry, write_image
+
+    scan = tmp_path / "scan"
+    geometry = make_geometry((8, 8, 8), (3.0, 3.0, 3.0))
+    write_image(np.zeros((8, 8, 8), np.int16), geometry, scan / "ct.nii.gz")
+    labels = np.zeros((8, 8, 8), np.uint16)
+    labels[2:4, 2:4, 2:4] = 999  # no such TotalSegmentator class
+    write_image(labels, geometry, scan / "labels_totalseg.nii.gz")
+    with pytest.raises(SapError, match="label values \\[999\\] are not in the class map"):
+        make_cohort(tmp_path / "out", preset="tiny", modality="ct", anatomy=scan)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scan"]

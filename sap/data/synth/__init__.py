@@ -5,9 +5,26 @@ Modules: :mod:`~sap.data.synth.shapes` (vectorised primitives), :mod:`~sap.data.
 (anatomy), :mod:`~sap.data.synth.lesions` (lesions and mimics), :mod:`~sap.data.synth.intensity`
 (MR/CT appearance), :mod:`~sap.data.synth.anatomy` (``--anatomy DIR``),
 :mod:`~sap.data.synth.presets` and :mod:`~sap.data.synth.cohort` (the writer).
+
+The writer and its image I/O load on first use, so ``sap --help`` stays light.
 """
 
-from sap.data.synth.cohort import make_cohort, plan_cohort, synthesize_exam
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from sap.data.synth.presets import PRESETS, Preset, get_preset
 
+if TYPE_CHECKING:
+    from sap.data.synth.cohort import make_cohort, plan_cohort, synthesize_exam
+
 __all__ = ["PRESETS", "Preset", "get_preset", "make_cohort", "plan_cohort", "synthesize_exam"]
+_LAZY = {"make_cohort", "plan_cohort", "synthesize_exam"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from sap.data.synth import cohort
+
+        return getattr(cohort, name)
+    raise AttributeError(f"module 'sap.data.synth' has no attribute {name!r}")

@@ -296,9 +296,13 @@ def make_cohort(
     _prepare_output(out, overwrite)
     sources = None
     if anatomy is not None:
-        from sap.data.synth.anatomy import discover_sources
+        from sap.data.synth.anatomy import discover_sources, load_source
 
         sources = discover_sources(Path(anatomy), modality)
+        for source in sources:
+            # read and convert every source now: bad files fail before anything is written, and
+            # forked workers inherit the loaded arrays instead of reading them again
+            load_source(source)
     jobs = plan_cohort(chosen, modality, seed, sources)
     n_subjects = len({job.subject_id for job in jobs})
     shared = bool(sources) and len(sources) < n_subjects
