@@ -284,3 +284,42 @@ def test_help_lists_every_option_with_default(capsys):
     for option in ("--out", "--preset", "--modality", "--anatomy", "--seed", "--overwrite", "--workers"):
         assert option in text
     assert "default: demo" in text and "default: mr" in text and "default: 0" in text
+
+
+def test_written_anatomy_is_where_the_world_coordinates_say(tiny):
+    """Orientation end to end: nibabel's canonical view agrees with sap's reader, and in LPS world
+    coordinates the neck is above the pelvis, the sternum in front of the spine, and each humerus on
+    its own side."""
+    import nibabel as nib
+
+    path = tiny / "healthy" / "healthy_s01_e1" / "skeleton.nii.gz"
+    image = read_image(path)
+    canonical = nib.as_closest_canonical(nib.load(path))
+    np.testing.assert_array_equal(np.asarray(canonical.dataobj), image.array)
+    np.testing.assert_allclose(canonical.affine, image.geometry.affine, atol=1e-4)
+
+    def lps(label: int) -> np.ndarray:
+        return image.geometry.voxel_to_lps(np.argwhere(image.array == label))
+
+    assert lps(1)[:, 2].mean() > lps(3)[:, 2].mean() > lps(4)[:, 2].mean()  # S is +z
+    spine_y = lps(2)[:, 1].mean()
+    assert lps(9)[:, 1].mean() < spine_y - 40  # sternum anterior: LPS +y is posterior
+    humeri = lps(6)
+    left, right = humeri[humeri[:, 0] > 0], humeri[humeri[:, 0] < 0]  # LPS +x is the patient's left
+    assert len(left) > 20 and len(right) > 20 and abs(len(left) - len(right)) < 0.5 * len(left)
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (1.5, 1.0, 2.0)])
+def test_shape_primitives_have_their_analytic_volume(spacing):
+    from sap.data.synth.shapes import Canvas, ellipsoid, rotation, tube
+
+    canvas = Canvas(shape=(80, 80, 60), spacing=spacing, origin=(-40.0, -40.0, -30.0))
+    voxel = float(np.prod(spacing))
+    radii = np.array([20.0, 12.0, 15.0])
+    for axes in (None, rotation(0.4, 0.3, 0.2)):
+        _, mask = ellipsoid(canvas, (0.0, 0.0, 0.0), radii, axes)
+        assert mask.sum() * voxel == pytest.approx(4 / 3 * np.pi * radii.prod(), rel=0.04)
+    # a straight capsule: cylinder plus two half spheres
+    _, mask = tube(canvas, [(-20.0, 0.0, 0.0), (20.0, 0.0, 0.0)], 8.0)
+    assert mask.sum() * voxel == pytest.approx(np.pi * 64 * 40 + 4 / 3 * np.pi * 512, rel=0.04)
+    assert ellipsoid(canvas, (500.0, 0.0, 0.0), radii) is None  # off the grid
