@@ -87,8 +87,8 @@ def test_outputs_columns_values_and_nulls(folders, tmp_path):
     assert summary["pooled_sensitivity"] == pytest.approx(2 / 3)
     assert summary["froc"]["limit"] == 15 and summary["froc_1ml"]["limit"] == 4
     # candidates: 0.9 hit, 0.8 hit, 0.7 FP, 0.6 FP, 0.3 hit; 3 cases
-    assert summary["froc"]["fppi"] == pytest.approx([0, 0, 1 / 3, 2 / 3, 2 / 3])
-    assert summary["froc"]["sensitivity"] == pytest.approx([0, 2 / 3, 2 / 3, 2 / 3, 1])
+    assert summary["froc"]["fppi"] == pytest.approx([0, 0, 0, 1 / 3, 2 / 3, 2 / 3])
+    assert summary["froc"]["sensitivity"] == pytest.approx([0, 1 / 3, 2 / 3, 2 / 3, 2 / 3, 1])
     assert summary["icc_burden"]["value"] is not None
 
 
