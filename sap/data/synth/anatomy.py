@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage
@@ -30,6 +31,9 @@ from sap.data.synth.lesions import Placer, place_lesions, place_mimics
 from sap.data.synth.phantom import RIB
 from sap.data.synth.shapes import smooth_noise
 from sap.errors import SapError
+
+if TYPE_CHECKING:
+    from sap.data.synth.cohort import Exam, ExamJob
 
 IMAGE_STEMS = ("ct", "mr", "image")
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
@@ -142,13 +146,15 @@ def _organ_lookup(names: dict[int, str], table: tuple[tuple[str, float], ...]) -
     return lookup
 
 
-def synthesize_real_exam(job):  # -> cohort.Exam
+def synthesize_real_exam(job: ExamJob) -> Exam:
     """One exam on real anatomy (see the module docstring); deterministic in ``job``."""
     from sap.data.synth.cohort import Exam, exam_generators, lesion_kinds
-    from sap.data.synth.intensity import MIMIC_HU, MIMIC_MR, _rician, _to_int16
+    from sap.data.synth.intensity import MIMIC_HU, MIMIC_MR, rician, to_int16
     from sap.data.synth.lesions import MIMIC_KINDS
 
-    source: AnatomySource = job.source
+    source = job.source
+    if source is None:
+        raise ValueError("synthesize_real_exam needs a job with an anatomy source")
     anatomy = load_source(source)
     _, pose_rng, placement_rng, render_rng = exam_generators(job)
     spacing = anatomy.geometry.canonical_spacing
@@ -208,8 +214,8 @@ def synthesize_real_exam(job):  # -> cohort.Exam
         bias = np.exp(0.15 * smooth_noise(render_rng, shape, coarse=24)).astype(np.float32)
         gains = render_rng.uniform(0.85, 1.15, size=2)
         images = {
-            "T1": _to_int16(_rician(t1 * bias * gains[0], render_rng.uniform(6.0, 12.0), render_rng)),
-            "b1000": _to_int16(_rician(dwi * bias * gains[1], render_rng.uniform(4.0, 7.0), render_rng)),
+            "T1": to_int16(rician(t1 * bias * gains[0], render_rng.uniform(6.0, 12.0), render_rng)),
+            "b1000": to_int16(rician(dwi * bias * gains[1], render_rng.uniform(4.0, 7.0), render_rng)),
         }
     # a few millimetres of table shift per exam; the voxels stay the source's
     shift = pose_rng.uniform(-3.0, 3.0, size=3)

@@ -24,11 +24,13 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sap import __version__
 from sap.data.io import Geometry, atomic_write_text, make_geometry, write_image
+from sap.data.synth.intensity import render_ct, render_mr
 from sap.data.synth.lesions import (
     Finding,
     Placer,
@@ -39,8 +41,13 @@ from sap.data.synth.lesions import (
     sample_lesion_volumes,
     split_volumes,
 )
+from sap.data.synth.phantom import ExamPose, Phantom, SubjectParams, T, build_phantom
 from sap.data.synth.presets import Preset, get_preset
+from sap.data.synth.shapes import Canvas
 from sap.errors import SapError
+
+if TYPE_CHECKING:
+    from sap.data.synth.anatomy import AnatomySource
 
 GROUP_CODES = {"healthy": 1, "patients": 2}
 CHANNELS = {"mr": ("T1", "b1000"), "ct": ("CT",)}
@@ -63,7 +70,7 @@ class ExamJob:
     lesion_volumes_ml: tuple[float, ...] = ()
     phenotype: str = "metastasis"  #: MR: "metastasis"; CT: "lytic" | "blastic" | "mixed"
     mimics: tuple[tuple[str, int], ...] = ()
-    source: object | None = None  #: an :class:`sap.data.synth.anatomy.AnatomySource` in --anatomy mode
+    source: AnatomySource | None = None  #: the real scan in ``--anatomy`` mode
 
 
 @dataclass
@@ -94,7 +101,7 @@ def lesion_kinds(job: ExamJob, rng: np.random.Generator) -> list[str]:
     return [str(k) for k in rng.choice(["lytic", "blastic"], size=n)]
 
 
-def phantom_geometry(canvas, spacing) -> Geometry:
+def phantom_geometry(canvas: Canvas, spacing: tuple[float, float, float]) -> Geometry:
     """LPS geometry whose world coordinates are the phantom's body millimetres (LPS signs)."""
     shape = canvas.shape
     # In LPS order the first stored voxel is the canonical corner (x max, y max, z min).
@@ -107,7 +114,7 @@ def phantom_geometry(canvas, spacing) -> Geometry:
 class PhantomExam:
     """The label side of a phantom exam: anatomy, lesion instances, mimics (no images yet)."""
 
-    phantom: object  #: :class:`sap.data.synth.phantom.Phantom`
+    phantom: Phantom
     lesions: np.ndarray  #: int32 lesion instance ids (all zero for healthy exams)
     mimics: np.ndarray  #: uint8, 1 + index in MIMIC_KINDS
     lesion_findings: list[Finding]
@@ -119,8 +126,6 @@ def phantom_exam(job: ExamJob) -> PhantomExam:
 
     Tests use it to check lesion statistics on many patients without writing files.
     """
-    from sap.data.synth.phantom import ExamPose, SubjectParams, T, build_phantom
-
     subject_rng, pose_rng, placement_rng, _ = exam_generators(job)
     preset = job.preset
     phantom = build_phantom(preset.grid, preset.spacing, SubjectParams.sample(subject_rng), ExamPose.sample(pose_rng))
@@ -143,8 +148,6 @@ def synthesize_exam(job: ExamJob) -> Exam:
         from sap.data.synth.anatomy import synthesize_real_exam
 
         return synthesize_real_exam(job)
-    from sap.data.synth.intensity import render_ct, render_mr
-
     labelled = phantom_exam(job)
     render_rng = exam_generators(job)[3]
     phantom, lesions, mimics = labelled.phantom, labelled.lesions, labelled.mimics
@@ -201,7 +204,7 @@ def write_exam(job: ExamJob, out: Path) -> dict:
     if job.group == "patients":
         record["phenotype"] = job.phenotype
     if job.source is not None:
-        record["anatomy_source"] = job.source.name  # type: ignore[attr-defined]
+        record["anatomy_source"] = job.source.name
     return record
 
 

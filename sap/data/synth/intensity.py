@@ -105,9 +105,9 @@ def render_mr(
     dwi = ndimage.gaussian_filter(dwi, 0.7)
     bias = np.exp(0.18 * smooth_noise(rng, shape, coarse=24)).astype(np.float32)
     gains = rng.uniform(0.85, 1.15, size=2)
-    t1 = _rician(t1 * bias * gains[0], rng.uniform(10.0, 18.0), rng)
-    dwi = _rician(dwi * bias * gains[1], rng.uniform(4.0, 7.0), rng)
-    return _to_int16(t1), _to_int16(dwi)
+    t1 = rician(t1 * bias * gains[0], rng.uniform(10.0, 18.0), rng)
+    dwi = rician(dwi * bias * gains[1], rng.uniform(4.0, 7.0), rng)
+    return to_int16(t1), to_int16(dwi)
 
 
 def render_ct(
@@ -142,12 +142,12 @@ def render_ct(
     return np.clip(np.round(hu), -1024, 3071 + 1000).astype(np.int16)
 
 
-def _rician(signal: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+def rician(signal: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
     """Magnitude of a complex signal with Gaussian noise: the MR background is a noise floor, not zero."""
     real = signal + rng.normal(0.0, sigma, size=signal.shape).astype(np.float32)
     imag = rng.normal(0.0, sigma, size=signal.shape).astype(np.float32)
     return np.sqrt(real * real + imag * imag)
 
 
-def _to_int16(image: np.ndarray) -> np.ndarray:
+def to_int16(image: np.ndarray) -> np.ndarray:
     return np.clip(np.round(image), 0, 32767).astype(np.int16)

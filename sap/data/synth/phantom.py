@@ -18,7 +18,7 @@ Subjects vary in size, build, spine curvature, arm pose and organ placement
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
@@ -95,7 +95,7 @@ class Phantom:
     canvas: Canvas
     tissue: np.ndarray  #: uint8, :data:`TISSUES`
     bone: np.ndarray  #: uint8, 0 none, 1–9 skeleton regions, RIB, OTHER_BONE
-    cortex: np.ndarray = field(default=None)  # type: ignore[assignment]  #: bool, outer bone rim
+    cortex: np.ndarray  #: bool, the outer voxel rim of every bone (stands for the cortex)
 
     @property
     def skeleton(self) -> np.ndarray:
