@@ -169,10 +169,9 @@ def validate(model: torch.nn.Module, kind: str, val: SliceSet, size: int, thresh
 
 # ----------------------------------------------------------------------------------- cohort
 def ct_data_config(cfg: Config):
-    """The data section with the single CT channel (``CT.nii.gz`` in case folders)."""
-    if cfg.data.modality == "ct":
-        return cfg.data
-    return replace(cfg.data, modality="ct", channels=["CT"])
+    """The data section for one CT channel: the configured name when it is a single channel, else ``CT``."""
+    channels = cfg.data.channels if cfg.data.modality == "ct" and len(cfg.data.channels) == 1 else ["CT"]
+    return replace(cfg.data, modality="ct", channels=list(channels))
 
 
 def load_slice_sets(
