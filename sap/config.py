@@ -181,9 +181,6 @@ class Slice2DConfig:
     min_component_pixels: int = 15
     min_component_fraction: float = 0.05
     prompt_seed: int = 0
-    # detector → SAM hybrid (paper 003)
-    box_expansion: float = 1.1
-    crop_factor: float | None = 2.0  #: None prompts on the whole slice
 
 
 @dataclass

@@ -338,3 +338,34 @@ def test_prompt_bench_and_hybrid_commands(ct_cohort, tmp_path):
     assert set(np.unique(refined.array)) <= {0.0, 1.0}
     slices_without_boxes = ~gt.array.reshape(-1, gt.array.shape[2]).any(axis=0)
     assert not refined.array[:, :, slices_without_boxes].any()  # nothing where there is no box
+
+
+def test_resume_after_a_kill_reaches_the_same_weights(ct_cohort, tmp_path, monkeypatch):
+    import sap.slice2d.train as train_module
+
+    args = ["slice2d", "train", "--config", "tiny", "--data", str(ct_cohort), "--set", "slice2d.max_steps=4",
+            "--set", "slice2d.val_every_steps=2", "--set", "slice2d.val_fraction=0.5"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "straight")]) == 0
+
+    real_step = train_module.training_step
+    calls = {"n": 0}
+
+    def killed_at_step_3(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(train_module, "training_step", killed_at_step_3)
+    assert main([*args, "--out", str(tmp_path / "killed")]) == 130
+    monkeypatch.setattr(train_module, "training_step", real_step)
+    assert torch.load(tmp_path / "killed" / "last.pt", weights_only=True)["step"] == 2
+    assert main([*args, "--out", str(tmp_path / "killed"), "--resume"]) == 0
+
+    straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)
+    assert resumed["step"] == straight["step"] == 4
+    for key, value in straight["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][key]), key
+    assert (tmp_path / "killed" / "log.csv").read_text() == (tmp_path / "straight" / "log.csv").read_text()
+    assert main([*args, "--out", str(tmp_path / "nothing"), "--resume"]) == 2

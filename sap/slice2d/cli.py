@@ -31,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--checkpoint", default=None,
                        help="local transformers folder with pretrained DINOv3/DINOv2 (foundation) or SAM/MedSAM (sam) weights")
     train.add_argument("--overwrite", action="store_true", help="replace an existing model in --out")
+    train.add_argument("--resume", action="store_true", help="continue a killed run from --out/last.pt")
 
     predict = sub.add_parser("predict", help="predict CT volumes slice by slice and restack", formatter_class=FORMATTER)
     predict.add_argument("--model-dir", default=None, help="folder written by `sap slice2d train` (the 2D model / detector)")
@@ -84,7 +85,9 @@ def run(args: argparse.Namespace) -> int:
         if not args.out:
             raise SapError("train needs --out DIR for the model folder")
         cfg = config_from_args(args)
-        result = train_slice_model(cfg, args.out, args.model, args.target, args.checkpoint, args.overwrite)
+        result = train_slice_model(
+            cfg, args.out, args.model, args.target, args.checkpoint, args.overwrite, resume=args.resume
+        )
         best = result["best_val_dice"]
         print(
             f"sap slice2d train: {result['steps']} steps on {result['n_train_slices']} slices; "
@@ -124,6 +127,6 @@ def run(args: argparse.Namespace) -> int:
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()] if args.strategies else None
     summary = prompt_bench(cfg, args.checkpoint, args.out, args.target, strategies, args.max_slices, args.overwrite)
     best = max(summary, key=lambda r: -1 if r["dice"] != r["dice"] else r["dice"])
-    print(f"sap slice2d prompt-bench: {len(summary)} strategies; best mean Dice {best['dice']:.3f} ({best['strategy']}); "
-          f"results in {args.out}")
+    print(f"sap slice2d prompt-bench: {len(summary)} strategies; best mean Dice {best['dice']:.3f} ({best['strategy']}, "
+          f"{best['seconds_per_slice']:.3f} s per slice); results in {args.out}")
     return 0

@@ -38,6 +38,7 @@ from sap.slice2d.models import (
     foreground_probability,
     hf_config_dict,
     load_hf_model,
+    load_state_checked,
     make_loss,
     unet_filters,
 )
@@ -232,6 +233,14 @@ def save_checkpoint(payload: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def _write_log(out_dir: Path, rows: list[dict[str, Any]]) -> None:
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=["step", "loss", "val_dice", "val_iou"])
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out_dir / "log.csv", text.getvalue())
+
+
 def fit(
     model: torch.nn.Module,
     spec: ModelSpec,
@@ -242,8 +251,14 @@ def fit(
     target: str,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    resume_state: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train for ``settings.max_steps`` steps; write ``model.pt`` (best), ``last.pt`` and ``log.csv``."""
+    """Train for ``settings.max_steps`` steps; write ``model.pt`` (best), ``last.pt`` and ``log.csv``.
+
+    ``last.pt`` (weights, optimiser, schedule, sampler and RNG state) is written at every validation
+    step and at the end; ``resume_state`` (its ``"resume"`` entry) continues a killed run to the
+    same result as an uninterrupted one.
+    """
     device = torch.device(device)
     model.to(device)
     kind = spec.kind
@@ -255,8 +270,45 @@ def fit(
     log_rows: list[dict[str, Any]] = []
     best_dice, best_step = -math.inf, 0
     order = rng.permutation(len(train))
-    cursor = 0
-    bar = tqdm(range(1, settings.max_steps + 1), desc=f"slice2d: training {kind}", unit="step", disable=not progress)
+    cursor, first_step = 0, 1
+    if resume_state is not None:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        schedule.load_state_dict(resume_state["schedule"])
+        if scaler is not None and resume_state.get("scaler"):
+            scaler.load_state_dict(resume_state["scaler"])
+        rng.bit_generator.state = resume_state["numpy_rng"]
+        torch.set_rng_state(resume_state["torch_rng"])
+        order, cursor = np.asarray(resume_state["order"], dtype=np.int64), int(resume_state["cursor"])
+        best_dice, best_step = float(resume_state["best_dice"]), int(resume_state["best_step"])
+        log_rows = list(resume_state["log"])
+        first_step = int(resume_state["step"]) + 1
+
+    def save_last(step: int) -> None:
+        payload = checkpoint_payload(model, spec, settings, target, step, None)
+        payload["resume"] = {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else {},
+            "numpy_rng": rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+            "order": order.tolist(),
+            "cursor": cursor,
+            "best_dice": best_dice,
+            "best_step": best_step,
+            "log": log_rows,
+        }
+        save_checkpoint(payload, out_dir / "last.pt")
+        _write_log(out_dir, log_rows)
+
+    bar = tqdm(
+        range(first_step, settings.max_steps + 1),
+        desc=f"slice2d: training {kind}",
+        unit="step",
+        disable=not progress,
+        initial=first_step - 1,
+        total=settings.max_steps,
+    )
     for step in bar:
         if cursor + settings.batch_size > len(order):  # a new epoch: fresh order
             order, cursor = rng.permutation(len(train)), 0
@@ -266,8 +318,8 @@ def fit(
         loss = training_step(model, loss_fn, optimizer, x, y, scaler)
         schedule.step()
         row: dict[str, Any] = {"step": step, "loss": loss, "val_dice": "", "val_iou": ""}
-        last = step == settings.max_steps
-        if val is not None and len(val) and (step % settings.val_every_steps == 0 or last):
+        checkpoint_now = step % settings.val_every_steps == 0 or step == settings.max_steps
+        if checkpoint_now and val is not None and len(val):
             scores = validate(model, kind, val, spec.image_size, settings.threshold, device)
             row.update(val_dice=scores["dice"], val_iou=scores["iou"])
             dice = scores["dice"] if not math.isnan(scores["dice"]) else -1.0
@@ -278,15 +330,13 @@ def fit(
         else:
             bar.set_postfix(loss=f"{loss:.3f}")
         log_rows.append(row)
-    save_checkpoint(checkpoint_payload(model, spec, settings, target, settings.max_steps, None), out_dir / "last.pt")
+        if checkpoint_now:
+            save_last(step)
+    if first_step > settings.max_steps:  # resumed a finished run: nothing left to do
+        _write_log(out_dir, log_rows)
     if val is None or not len(val):  # no validation subject: the last weights are the model
         save_checkpoint(checkpoint_payload(model, spec, settings, target, settings.max_steps, None), out_dir / "model.pt")
         best_step = settings.max_steps
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=["step", "loss", "val_dice", "val_iou"])
-    writer.writeheader()
-    writer.writerows(log_rows)
-    atomic_write_text(out_dir / "log.csv", text.getvalue())
     return {"best_step": best_step, "best_val_dice": None if best_dice == -math.inf else best_dice, "steps": settings.max_steps}
 
 
@@ -298,8 +348,12 @@ def train_slice_model(
     checkpoint: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """``sap slice2d train``: read the cohort, split by patient, train, write the model folder."""
+    """``sap slice2d train``: read the cohort, split by patient, train, write the model folder.
+
+    ``resume`` continues from ``OUT/last.pt`` (the network is rebuilt from its stored spec).
+    """
     s = cfg.slice2d
     kind = kind or s.model
     target = target or s.target
@@ -312,15 +366,31 @@ def train_slice_model(
             raise SapError("--checkpoint is for --model foundation or sam (the U-Net trains from scratch)")
     s.model, s.target = kind, target
     out = Path(out_dir)
-    check_writable(out / "model.pt", overwrite)
-    model, spec = create_model(kind, s)  # before reading data: bad weights fail fast
+    resume_state = None
+    if resume:
+        last = out / "last.pt"
+        if not last.is_file():
+            raise SapError(f"{last}: nothing to resume (no last.pt)")
+        payload = torch.load(last, map_location="cpu", weights_only=True)
+        if "resume" not in payload:
+            raise SapError(f"{last}: not a resumable checkpoint (no optimiser state)")
+        spec = ModelSpec(**payload["spec"])
+        if spec.kind != kind or payload.get("target") != target:
+            raise SapError(f"{last}: holds a {spec.kind} model for {payload.get('target')}, not {kind} for {target}")
+        model = build_model(spec)
+        load_state_checked(model, payload["state_dict"], str(last))
+        resume_state = payload["resume"]
+    else:
+        check_writable(out / "model.pt", overwrite)
+        torch.manual_seed(s.seed)  # the same seed gives the same initial weights
+        model, spec = create_model(kind, s)  # before reading data: bad weights fail fast
     train, val, split = load_slice_sets(cfg, target, progress)
     out.mkdir(parents=True, exist_ok=True)
     cfg.out = str(out)
     save_config(cfg, out / "config.yaml")
     atomic_write_text(out / "split.json", json.dumps({"level": "patient", **split}, indent=2))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    result = fit(model, spec, train, val, s, out, target, device, progress)
+    result = fit(model, spec, train, val, s, out, target, device, progress, resume_state)
     result.update(n_train_slices=len(train), n_val_slices=len(val), model_dir=str(out))
     atomic_write_text(out / "train_summary.json", json.dumps(result, indent=2))
     return result
