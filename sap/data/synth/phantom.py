@@ -18,6 +18,7 @@ Subjects vary in size, build, spine curvature, arm pose and organ placement
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,6 +79,7 @@ class ExamPose:
     shift_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
     breath_mm: float = 0.0  #: diaphragm, liver and spleen move down on inspiration
     arm_abduction: float = 0.0  #: extra lateral offset of the elbows, mm
+    curvature_mm: tuple[float, float] = (0.0, 0.0)  #: lordosis, kyphosis change from lying differently
 
     @staticmethod
     def sample(rng: np.random.Generator) -> ExamPose:
@@ -85,6 +87,7 @@ class ExamPose:
             shift_mm=tuple(float(v) for v in rng.uniform(-6.0, 6.0, size=3)),  # type: ignore[arg-type]
             breath_mm=float(rng.uniform(-8.0, 8.0)),
             arm_abduction=float(rng.uniform(-4.0, 6.0)),
+            curvature_mm=tuple(float(v) for v in rng.uniform(-2.5, 2.5, size=2)),  # type: ignore[arg-type]
         )
 
 
@@ -165,6 +168,12 @@ def build_phantom(
     evaluated on its own bounding box.
     """
     canvas = canvas_for(shape, spacing, subject, pose)
+    # the spine bends a little differently in every exam (a small, smooth deformation)
+    subject = dataclasses.replace(
+        subject,
+        lordosis_mm=subject.lordosis_mm + pose.curvature_mm[0],
+        kyphosis_mm=subject.kyphosis_mm + pose.curvature_mm[1],
+    )
     tissue = np.zeros(shape, dtype=np.uint8)
     bone = np.zeros(shape, dtype=np.uint8)
 
@@ -259,9 +268,13 @@ def _organs(canvas: Canvas, tissue: np.ndarray, subject: SubjectParams, pose: Ex
     # Aorta in front of the spine.
     paint(tissue, T["blood"], tube(canvas, np.array([[-14, -12, 110], [-16, -14, 300], [-10, 0, 420]]) * s, 11 * s))
     # Bowel loops: a few random blobs in the lower abdomen, placed per subject.
+    # Psoas muscles run from the lumbar spine down and out towards the hips.
+    for side in (-1, 1):
+        psoas = np.array([[30 * side, -30, 290], [48 * side, -22, 150], [66 * side, 8, 30]]) * s
+        paint(tissue, T["muscle"], tube(canvas, psoas, np.array([11, 20, 16]) * s), where=tissue == T["visceral_fat"])
     bowel_rng = np.random.default_rng(subject.bowel_seed)
-    for _ in range(8):
-        centre = np.array([bowel_rng.uniform(-85, 85), bowel_rng.uniform(0, 62), bowel_rng.uniform(70, 230)]) * s
+    for _ in range(14):
+        centre = np.array([bowel_rng.uniform(-90, 90), bowel_rng.uniform(-10, 62), bowel_rng.uniform(60, 240)]) * s
         radii = bowel_rng.uniform(16, 32, size=3) * s * g ** 0.5
         paint(tissue, T["bowel"], ellipsoid(canvas, centre, radii), where=tissue == T["visceral_fat"])
 
