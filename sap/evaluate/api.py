@@ -134,6 +134,8 @@ def find_case_pairs(pred_dir: Path, gt_dir: Path, allow_missing: bool = False) -
 
 def _check_gt(array: np.ndarray, path: Path) -> np.ndarray:
     """Binary lesion mask check without ``np.unique`` (which sorts the whole volume)."""
+    if array.dtype.kind in "bu" and array.max(initial=0) <= 1:
+        return array  # one pass for the usual uint8 {0, 1} mask
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         raise SapError(f"{path}: lesion mask holds NaN/Inf voxels")
     bad = (array != 0) & (array != 1)

@@ -139,8 +139,9 @@ def _counts(gt: Components, pred: Components, volume_threshold_ml: float) -> tup
 
 
 def label_ground_truth(gt: np.ndarray, spacing: Sequence[float], connectivity: int = 26) -> Components:
-    """E1 on a ground-truth mask (gt > 0)."""
-    return label_components(gt > 0, connectivity, voxel_volume_ml(tuple(spacing)))  # type: ignore[arg-type]
+    """E1 on a ground-truth mask (gt > 0; integer masks are labelled without a converted copy)."""
+    mask = gt if gt.dtype.kind in "bu" else gt > 0
+    return label_components(mask, connectivity, voxel_volume_ml(tuple(spacing)))  # type: ignore[arg-type]
 
 
 def detection_counts(
@@ -260,12 +261,13 @@ def evaluate_case(
     vals_low = flat_prob[idx_low]
     binary = is_binary_prediction(prob, vals_low)
 
-    pred_all = label_components(prob >= s.threshold, s.connectivity, vv)
+    above_t = vals_low >= s.threshold
+    # pred ≥ t voxels are a subset of pred ≥ low: reuse their indices (no second flatnonzero)
+    pred_all = label_components(prob >= s.threshold, s.connectivity, vv, idx_low[above_t])
     pred_c = drop_small(pred_all, s.min_volume_ml)
     counts, match = _counts(gt_c, pred_c, s.volume_threshold_ml)
 
     # Scores: max probability per predicted component and per lesion.
-    above_t = vals_low >= s.threshold
     pred_score = group_max(pred_c.ids_at(idx_low[above_t]), vals_low[above_t], pred_c.n)
     gt_score = group_max(gt_c.ids_at(gt_c.flat_index), flat_prob[gt_c.flat_index], gt_c.n)
 
@@ -324,7 +326,12 @@ def evaluate_case(
 
     candidates = None
     if not binary:
-        candidates = _candidates(gt_c, mask_low if low == s.t_min else prob >= s.t_min, flat_prob, s, vv)
+        if low == s.t_min:
+            mask_tmin, idx_tmin = mask_low, idx_low
+        else:
+            mask_tmin = prob >= s.t_min
+            idx_tmin = idx_low[vals_low >= s.t_min]
+        candidates = _candidates(gt_c, mask_tmin, idx_tmin, flat_prob, s, vv)
     result = CaseResult(case_id, row, gt_table, pred_table, binary, candidates)
     if (s.froc == "sweep" if sweep is None else sweep) and not binary:
         result.sweep = detection_counts_grid(
@@ -334,10 +341,10 @@ def evaluate_case(
 
 
 def _candidates(
-    gt_c: Components, mask: np.ndarray, flat_prob: np.ndarray, s: EvaluationSettings, vv: float
+    gt_c: Components, mask: np.ndarray, index: np.ndarray, flat_prob: np.ndarray, s: EvaluationSettings, vv: float
 ) -> CaseCandidates:
     """E8 candidates: components of pred ≥ t_min (min_volume_ml ignored), scored by max probability."""
-    cand = label_components(mask, s.connectivity, vv)
+    cand = label_components(mask, s.connectivity, vv, index)
     score = group_max(cand.ids_at(cand.flat_index), flat_prob[cand.flat_index], cand.n)
     match = match_components(gt_c, cand)
     gt_best = np.full(gt_c.n, -np.inf)

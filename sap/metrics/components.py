@@ -70,21 +70,35 @@ class Components:
 
 
 def label_components(
-    binary: np.ndarray, connectivity: int = 26, voxel_volume_ml: float = 1.0
+    binary: np.ndarray,
+    connectivity: int = 26,
+    voxel_volume_ml: float = 1.0,
+    flat_index: np.ndarray | None = None,
 ) -> Components:
-    """E1: connected components of a binary 3D array (``connectivity`` 6, 18 or 26)."""
+    """E1: connected components of a binary 3D array (``connectivity`` 6, 18 or 26).
+
+    ``binary`` may be bool or any integer/float array (non-zero = foreground). ``flat_index``:
+    the sorted flat indices of its foreground voxels when the caller already has them. Voxel
+    counts and bounding boxes come from the foreground voxels only (no second full-volume pass).
+    """
     if binary.ndim != 3:
         raise ValueError(f"expected a 3D array, got shape {binary.shape}")
     labels, n = cc3d.connected_components(binary, connectivity=connectivity, return_N=True, binary_image=True)
-    if n == 0:
-        counts = np.zeros(0, dtype=np.int64)
-        boxes = np.zeros((0, 6), dtype=np.int64)
-    else:
-        stats = cc3d.statistics(labels, no_slice_conversion=True)
-        counts = np.asarray(stats["voxel_counts"][1:], dtype=np.int64)
-        boxes = np.asarray(stats["bounding_boxes"][1:], dtype=np.int64)
+    if flat_index is None:
+        flat_index = np.flatnonzero(binary)
+    ids = labels.reshape(-1)[flat_index].astype(np.int64)
+    counts = np.bincount(ids, minlength=n + 1)[1:]
+    boxes = np.zeros((n, 6), dtype=np.int64)
+    if n:
+        coords = np.unravel_index(flat_index, binary.shape)
+        for axis, coord in enumerate(coords):
+            lo = np.full(n + 1, np.iinfo(np.int64).max)
+            hi = np.full(n + 1, -1)
+            np.minimum.at(lo, ids, coord)
+            np.maximum.at(hi, ids, coord)
+            boxes[:, 2 * axis], boxes[:, 2 * axis + 1] = lo[1:], hi[1:]
     lut = np.arange(n + 1, dtype=np.int64)
-    return Components(labels, lut, counts, boxes, voxel_volume_ml)
+    return Components(labels, lut, counts, boxes, voxel_volume_ml, flat_index)
 
 
 def drop_small(components: Components, min_volume_ml: float) -> Components:
