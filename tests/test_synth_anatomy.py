@@ -124,3 +124,14 @@ def test_labels_outside_the_class_table_are_refused(tmp_path):
     with pytest.raises(SapError, match="label values \\[999\\] are not in the class map"):
         make_cohort(tmp_path / "out", preset="tiny", modality="ct", anatomy=scan)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scan"]
+
+
+def test_cli_warns_about_shared_anatomy(shared_data, small, tmp_path, capsys):
+    from sap.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["synth", "--out", str(out), "--preset", small, "--modality", "ct", "--anatomy", str(shared_data / "ct_small"), "--workers", "1"]) == 0
+    captured = capsys.readouterr()
+    assert "sap synth: warning:" in captured.err and "share anatomy" in captured.err
+    assert "wrote 1 healthy and 3 patient exams" in captured.out
+    assert json.loads((out / "cohort.json").read_text())["shared_anatomy"] is True

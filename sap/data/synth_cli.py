@@ -32,8 +32,12 @@ def run(args: argparse.Namespace) -> int:
 
     from sap.data.synth import make_cohort
 
-    with warnings.catch_warnings(record=True) as caught:
+    def show(message, *_args, **_kwargs) -> None:  # one line, printed when it happens
+        print(f"sap synth: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
+        warnings.showwarning = show
         out = make_cohort(
             args.out,
             preset=args.preset,
@@ -43,8 +47,6 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             workers=args.workers,
         )
-    for warning in caught:
-        print(f"sap synth: warning: {warning.message}", file=sys.stderr)
     meta = json.loads((out / "cohort.json").read_text())
     print(
         f"sap synth: wrote {meta['n_healthy']} healthy and {meta['n_patients']} patient exams "
