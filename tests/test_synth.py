@@ -323,3 +323,10 @@ def test_shape_primitives_have_their_analytic_volume(spacing):
     _, mask = tube(canvas, [(-20.0, 0.0, 0.0), (20.0, 0.0, 0.0)], 8.0)
     assert mask.sum() * voxel == pytest.approx(np.pi * 64 * 40 + 4 / 3 * np.pi * 512, rel=0.04)
     assert ellipsoid(canvas, (500.0, 0.0, 0.0), radii) is None  # off the grid
+
+
+def test_inconsistent_presets_are_refused():
+    with pytest.raises(SapError, match="lesion-free"):
+        dataclasses.replace(PRESETS["tiny"], n_patients=2, n_lesion_free=3)
+    with pytest.raises(SapError, match="grid"):
+        dataclasses.replace(PRESETS["tiny"], grid=(64, 64))

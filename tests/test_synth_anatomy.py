@@ -135,3 +135,16 @@ def test_cli_warns_about_shared_anatomy(shared_data, small, tmp_path, capsys):
     assert "sap synth: warning:" in captured.err and "share anatomy" in captured.err
     assert "wrote 1 healthy and 3 patient exams" in captured.out
     assert json.loads((out / "cohort.json").read_text())["shared_anatomy"] is True
+
+
+def test_generic_image_name_is_classified_by_its_values(tmp_path):
+    from sap.data.io import make_geometry, write_image
+
+    geometry = make_geometry((8, 8, 8), (3.0, 3.0, 3.0))
+    for name, low in (("ctlike", -1000), ("mrlike", 0)):
+        folder = tmp_path / name
+        write_image(np.full((8, 8, 8), low, np.int16), geometry, folder / "image.nii.gz")
+        write_image(np.zeros((8, 8, 8), np.uint8), geometry, folder / "labels_totalseg.nii.gz")
+    found = {s.name: s.modality for s in discover_sources(tmp_path, "mr")}
+    assert found == {"ctlike": "ct", "mrlike": "mr"}
+    assert [s.name for s in discover_sources(tmp_path, "ct")] == ["ctlike"]

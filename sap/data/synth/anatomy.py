@@ -1,7 +1,7 @@
 """Real anatomy (``sap synth --anatomy DIR``): lesions simulated on real CT/MR with TotalSegmentator labels.
 
 A source is a folder holding one image (``ct.*``, ``mr.*``, ``image.*`` or a ``dicom/`` series
-folder) and a TotalSegmentator label map named ``labels_totalseg*.nii[.gz]`` (``*_mr*`` → the
+folder, taken as CT; ``image.*`` is CT when it holds values below -500) and a TotalSegmentator label map named ``labels_totalseg*.nii[.gz]`` (``*_mr*`` → the
 ``total_mr`` table, otherwise ``total``). ``DIR`` may be such a folder or hold several of them. The
 labels become SAP skeleton labels through :func:`sap.data.labels.convert_totalseg` (the ``total_mr``
 table's single "vertebrae" class is read as lumbar spine, the usual coverage of abdominal MR); ribs
@@ -74,7 +74,12 @@ def _source_in(folder: Path) -> AnatomySource | None:
         return None
     image = images[0]
     table = "total_mr" if "_mr" in labels[0].name else "total"
-    modality = "mr" if image.name.startswith("mr") else "ct"
+    if image.name.startswith("mr"):
+        modality = "mr"
+    elif image.name.startswith("ct") or image.is_dir():
+        modality = "ct"
+    else:  # image.*: CT holds air at about -1000 HU, MR has no negative values
+        modality = "ct" if float(read_image(image).array.min()) < -500 else "mr"
     return AnatomySource(name=folder.name, image=str(image.resolve()), labels=str(labels[0].resolve()), table=table, modality=modality)
 
 

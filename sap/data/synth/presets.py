@@ -22,6 +22,12 @@ class Preset:
     n_lesion_free: int
     max_lesions: int  #: upper end of the high-burden group
 
+    def __post_init__(self) -> None:
+        if len(self.grid) != 3 or min(self.grid) < 8 or len(self.spacing) != 3 or min(self.spacing) <= 0:
+            raise SapError(f"preset {self.name}: grid must be three sizes >= 8 and spacing three positive mm values")
+        if not 0 <= self.n_lesion_free <= self.n_patients or min(self.scans_per_subject, default=1) < 1:
+            raise SapError(f"preset {self.name}: needs 0 <= lesion-free <= patients and >= 1 scan per subject")
+
     @property
     def n_healthy(self) -> int:
         return sum(self.scans_per_subject)
