@@ -369,3 +369,53 @@ def test_resume_after_a_kill_reaches_the_same_weights(ct_cohort, tmp_path, monke
         assert torch.equal(value, resumed["state_dict"][key]), key
     assert (tmp_path / "killed" / "log.csv").read_text() == (tmp_path / "straight" / "log.csv").read_text()
     assert main([*args, "--out", str(tmp_path / "nothing"), "--resume"]) == 2
+
+
+def test_predict_a_real_dicom_series_and_the_2d_detector_hybrid(shared_data, ct_cohort, tmp_path):
+    from transformers import SamModel
+
+    run = tmp_path / "unet"
+    assert main(["slice2d", "train", "--config", "tiny", "--data", str(ct_cohort), "--out", str(run),
+                 "--set", "slice2d.max_steps=1"]) == 0  # fmt: skip
+    series = shared_data / "ct_upper_abdomen_dicom" / "dicom"
+    out = tmp_path / "dicom_pred"
+    assert main(["slice2d", "predict", "--model-dir", str(run), "-i", str(series), "-o", str(out)]) == 0
+    ct = read_image(series)
+    prob = read_image(out / "dicom_prob.nii.gz")
+    assert prob.geometry.same_grid(ct.geometry) is None and prob.array.shape == (512, 512, 20)
+
+    # 2D detector → SAM: every refined voxel lies in a slice where the detector found something
+    sam_dir = tmp_path / "sam"
+    SamModel(tiny_sam_config()).save_pretrained(sam_dir)
+    case = ct_cohort / "patients" / "p0"
+    plain, hybrid = tmp_path / "plain", tmp_path / "hybrid"
+    assert main(["slice2d", "predict", "--model-dir", str(run), "-i", str(case), "-o", str(plain), "--threshold", "0.3"]) == 0
+    assert main(["slice2d", "predict", "--model-dir", str(run), "--sam-refine", str(sam_dir), "--crop-factor", "0",
+                 "-i", str(case), "-o", str(hybrid), "--threshold", "0.3"]) == 0  # fmt: skip
+    detected = read_image(plain / "p0_prob.nii.gz").array >= 0.3
+    refined = read_image(hybrid / "p0_prob.nii.gz").array
+    assert set(np.unique(refined)) <= {0.0, 1.0}
+    empty_slices = ~detected.reshape(-1, detected.shape[2]).any(axis=0)
+    assert not refined[:, :, empty_slices].any()
+
+
+def test_refine_volume_prompts_only_slices_with_detections():
+    from sap.slice2d.data import volume_to_slices
+    from sap.slice2d.predict import refine_volume
+
+    torch.manual_seed(1)
+    prompter = SamPrompter(tiny_sam(1))
+    hu = np.random.default_rng(0).normal(0, 300, (40, 36, 5))
+    detector = np.zeros(hu.shape, bool)
+    detector[10:20, 10:18, 1] = True  # one detection in axial slice 1
+    detector[25:30, 5:9, 3] = True  # and one in slice 3
+    refined = refine_volume(prompter, hu, (400.0, 1800.0), detector_mask=detector, expansion=1.0, crop_factor=2.0)
+    assert refined.shape == hu.shape and refined.dtype == bool
+    assert not refined[:, :, [0, 2, 4]].any()
+    # with crops, each mask stays inside its crop (the box scaled by 2 about its centre)
+    for k in (1, 3):
+        box = boxes_from_mask(volume_to_slices(detector)[k])[0]
+        r0, c0, r1, c1 = expand_box(box, 2.0, volume_to_slices(detector)[k].shape)
+        shown = volume_to_slices(refined)[k].copy()
+        shown[r0 : r1 + 1, c0 : c1 + 1] = False
+        assert not shown.any()

@@ -85,8 +85,8 @@ def find_inputs(path: str | Path) -> list[tuple[str, Path]]:
     own = ct_of(path)
     if own is not None:
         return [(path.name, own)]
-    if any(p.suffix.lower() == ".dcm" for p in path.iterdir() if p.is_file()):
-        return [(path.name, path)]  # a DICOM series folder
+    if _is_dicom_series(path):
+        return [(path.name, path)]
     groups = [path / g for g in ("patients", "healthy") if (path / g).is_dir()] or [path]
     found = []
     for group in groups:
@@ -102,6 +102,21 @@ def find_inputs(path: str | Path) -> list[tuple[str, Path]]:
     if duplicates:
         raise SapError(f"{path}: case id collision: {', '.join(duplicates)}")
     return found
+
+
+def _is_dicom_series(folder: Path) -> bool:
+    """A folder of files that GDCM reads as a DICOM series (file names need no .dcm suffix)."""
+    entries = list(folder.iterdir())
+    if any(p.is_dir() for p in entries) or not any(p.is_file() and not p.name.endswith(IMAGE_SUFFIXES) for p in entries):
+        return False
+    import SimpleITK as sitk
+
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # "No Series were found" is an answer here, not a warning
+    try:
+        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 def predict_volume(model: SliceModel, hu: np.ndarray, batch_size: int = 8, device: torch.device | str = "cpu") -> np.ndarray:
