@@ -95,6 +95,7 @@ def exam_generators(job: ExamJob) -> tuple[np.random.Generator, np.random.Genera
 
 
 def lesion_kinds(job: ExamJob, rng: np.random.Generator) -> list[str]:
+    """Appearance class of each planned lesion: the patient's phenotype, or per lesion when mixed."""
     n = len(job.lesion_volumes_ml)
     if job.phenotype != "mixed":
         return [job.phenotype] * n
@@ -208,11 +209,16 @@ def write_exam(job: ExamJob, out: Path) -> dict:
     return record
 
 
-def plan_cohort(preset: Preset, modality: str, seed: int, sources: list | None = None) -> list[ExamJob]:
-    """Every exam of the cohort, with cohort-level draws (burden, volumes, mimics) already made."""
+def plan_cohort(preset: Preset, modality: str, seed: int, sources: list[AnatomySource] | None = None) -> list[ExamJob]:
+    """Every exam of the cohort, with cohort-level draws (burden, volumes, mimics) already made.
+
+    Healthy subjects come first (``healthy_s01`` …), then one subject per patient; with real
+    anatomy the sources are dealt to subjects in turn (so subjects share them when there are fewer).
+    """
     rng = np.random.default_rng([seed, 0])
     jobs: list[ExamJob] = []
-    def source_for(subject_number: int):
+
+    def source_for(subject_number: int) -> AnatomySource | None:
         return None if not sources else sources[subject_number % len(sources)]
 
     for s, n_scans in enumerate(preset.scans_per_subject, start=1):
