@@ -5,8 +5,9 @@ Three synthetic whole-body cases of 448×448×460 voxels (≈ 92 M, 1×1×2 mm) 
 weak (missed) lesions and false positives, written as .nii.gz to a temporary folder outside the
 repository (reused across runs). Timed, interleaved, ``--runs`` times:
 
-* floor: a process that reads both volumes of every case with ``sap.data.io.read_image`` and
-  labels each once with cc3d (ground truth > 0, prediction ≥ t);
+* floor: a process that reads both volumes of every case with ``sap.data.io.read_source_array``
+  (the reader ``sap evaluate`` uses: no reorientation copy) and labels each once with cc3d
+  (ground truth > 0, prediction ≥ t);
 * ``sap evaluate`` as a whole process (E1–E8 at one threshold, candidate-mode FROC), and the
   in-memory API (``sap.metrics.evaluate_case`` + ``summarize`` on arrays already loaded);
 * panoptica (its own venv; see ``evaluate_panoptica_peer.py``) as a whole process on the same
@@ -102,12 +103,12 @@ def generate(folder: Path, scale: float) -> tuple[Path, Path]:
 FLOOR_CODE = """
 import sys, cc3d
 from pathlib import Path
-from sap.data.io import read_image
+from sap.data.io import read_source_array
 pred_dir, gt_dir, t = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3])
 for gt_path in sorted(gt_dir.glob('*.nii.gz')):
     case = gt_path.name[:-7]
-    gt = read_image(gt_path).array
-    prob = read_image(pred_dir / f'{case}_prob.nii.gz').array
+    gt = read_source_array(gt_path)[0].T
+    prob = read_source_array(pred_dir / f"{case}_prob.nii.gz")[0].T
     cc3d.connected_components(gt > 0, connectivity=26)
     cc3d.connected_components(prob >= t, connectivity=26)
 """
@@ -123,17 +124,14 @@ def timed(cmd: list[str], env: dict | None = None) -> tuple[float, str]:
 
 
 def in_memory(pred_dir: Path, gt_dir: Path) -> float:
-    from sap.data.io import read_image
+    """Seconds of ``evaluate_case`` × 3 + ``summarize`` on arrays already in memory."""
+    from sap.evaluate.api import find_case_pairs, load_pair
     from sap.metrics import EvaluationSettings, evaluate_case, summarize
 
-    cases = []
-    for gt_path in sorted(gt_dir.glob("*.nii.gz")):
-        gt_image = read_image(gt_path)
-        prob = read_image(pred_dir / gt_path.name.replace(".nii.gz", "_prob.nii.gz")).array
-        cases.append((prob, gt_image.array, gt_image.spacing))
+    cases = [(pair.case_id, *load_pair(pair)) for pair in find_case_pairs(pred_dir, gt_dir)]
     start = time.perf_counter()
     settings = EvaluationSettings()
-    results = [evaluate_case(p, g, s, settings, case_id=str(i)) for i, (p, g, s) in enumerate(cases)]
+    results = [evaluate_case(p, g, s, settings, case_id=c) for c, p, g, s in cases]
     summarize(results, settings)
     return time.perf_counter() - start
 

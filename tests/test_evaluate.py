@@ -205,3 +205,19 @@ def test_python_dash_m_entry_point(folders, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "3 cases at threshold 0.5" in done.stdout
     assert sorted(p.name for p in out.iterdir()) == ["lesions.csv", "patients.csv", "summary.json"]
+
+
+def test_results_do_not_depend_on_file_orientation(tmp_path):
+    """Evaluation runs on the files' own voxel order: other orientations give the same metrics."""
+    outs = []
+    for axcodes in ("LPS", "RAS", "PIR"):
+        geometry = make_geometry(SHAPE, SPACING, axcodes=axcodes)
+        pred_dir, gt_dir = tmp_path / axcodes / "pred", tmp_path / axcodes / "gt"
+        for case_id, (prob, gt) in case_arrays().items():
+            write_image(prob, geometry, pred_dir / f"{case_id}.nii.gz")
+            write_image(gt, geometry, gt_dir / f"{case_id}.nii.gz")
+        out = tmp_path / axcodes / "out"
+        assert evaluate("--pred", str(pred_dir), "--gt", str(gt_dir), "--out", str(out)) == 0
+        outs.append(pd.read_csv(out / "patients.csv"))
+    for other in outs[1:]:
+        pd.testing.assert_frame_equal(outs[0], other, rtol=1e-9)

@@ -350,3 +350,21 @@ def test_summary_pools_and_counts_lesion_free_cases():
     # candidate FROC: the 0.9 hit then the 0.7 FP over 2 cases
     assert s["froc"]["fppi"] == [0.0, 0.0, 0.5] and s["froc"]["sensitivity"] == [0.0, 0.5, 0.5]
     assert np.isnan(s["icc_burden"]["value"])  # n < 3
+
+
+def test_froc_auc_bootstrap_ci_equals_resampling_the_case_list():
+    from sap.metrics import froc_auc_bootstrap_ci
+
+    rng = np.random.default_rng(0)
+    cases = []
+    for _ in range(7):
+        m, n = rng.integers(0, 8), rng.integers(0, 4)
+        score = np.round(rng.random(m), 2)  # rounded: tied scores across cases
+        gt_best = np.where(rng.random(n) < 0.7, np.round(rng.random(n), 2), -np.inf)
+        cases.append(CaseCandidates(score, rng.random(m) < 0.4, rng.uniform(0, 3, m), gt_best, rng.uniform(0, 3, n)))
+    for v, limit in ((None, 15.0), (1.0, 4.0), (None, 1.0)):
+        idx = np.random.default_rng(0).integers(0, len(cases), (300, len(cases)))
+        curves = [froc_candidates([cases[i] for i in row], v) for row in idx]
+        aucs = [froc_auc(c, limit) for c in curves if c is not None]
+        expected = np.percentile(aucs, [2.5, 97.5])
+        assert froc_auc_bootstrap_ci(cases, v, limit, 300, 0) == pytest.approx(expected.tolist(), abs=1e-12)

@@ -227,6 +227,15 @@ def _read_source(path: Path) -> tuple[np.ndarray, Geometry]:
     return source_zyx.transpose(2, 1, 0), geometry
 
 
+def read_source_array(path: str | Path) -> tuple[np.ndarray, Geometry]:
+    """Voxel data in the file's own (x, y, z) index order, without the reorientation copy.
+
+    For orientation-independent work on large volumes (lesion evaluation): no canonical copy is
+    made. Spacing of these axes is ``geometry.spacing``. Same checks and errors as :func:`read_image`.
+    """
+    return _read_source(Path(path))
+
+
 def read_image(path: str | Path, dtype: np.dtype | type | None = None) -> Image:
     """Read any supported image into a canonical RAS+ array.
 

@@ -22,7 +22,7 @@ from sap.data.io import (
     atomic_write_text,
     check_writable,
     read_geometry,
-    read_image,
+    read_source_array,
     strip_image_suffix,
 )
 from sap.errors import SapError
@@ -156,17 +156,29 @@ def _check_pred(array: np.ndarray, path: Path) -> np.ndarray:
     return array
 
 
+def _read(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """A volume as a C-contiguous (z, y, x) view of the file's voxels, and its spacing (mm).
+
+    The metrics do not depend on orientation (only on the grid and its spacing), so evaluation
+    skips the canonical reorientation copy, which costs more than labelling on whole-body volumes.
+    """
+    source_xyz, geometry = read_source_array(path)
+    return np.ascontiguousarray(source_xyz.T), tuple(float(s) for s in reversed(geometry.spacing))  # type: ignore
+
+
 def load_pair(pair: CasePair) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
-    """(prediction, ground truth, spacing in mm) of one case; spacing from the ground-truth header."""
-    gt_image = read_image(pair.gt)
-    gt = _check_gt(gt_image.array, pair.gt)
-    spacing = tuple(float(s) for s in gt_image.spacing)
+    """(prediction, ground truth, spacing in mm) of one case; spacing from the ground-truth header.
+
+    Arrays are in the files' own voxel order (see :func:`_read`); both files share one grid.
+    """
+    gt, spacing = _read(pair.gt)
+    gt = _check_gt(gt, pair.gt)
     if pair.pred is None:
-        return np.zeros(gt.shape, dtype=np.float32), gt, spacing  # type: ignore[return-value]
-    pred_image = read_image(pair.pred)
-    if pred_image.array.shape != gt.shape:
-        raise SapError(f"{pair.pred}: shape {pred_image.array.shape} differs from {pair.gt} {gt.shape}")
-    return _check_pred(pred_image.array, pair.pred), gt, spacing  # type: ignore[return-value]
+        return np.zeros(gt.shape, dtype=np.float32), gt, spacing
+    pred, _ = _read(pair.pred)
+    if pred.shape != gt.shape:
+        raise SapError(f"{pair.pred}: shape {pred.shape} differs from {pair.gt} {gt.shape}")
+    return _check_pred(pred, pair.pred), gt, spacing
 
 
 def _evaluate_one(pair: CasePair, settings: EvaluationSettings) -> CaseResult:

@@ -150,20 +150,64 @@ def froc_auc_bootstrap_ci(
 ) -> list[float]:
     """95 % percentile-bootstrap CI of candidate-mode FROC-AUC, resampling cases (E10).
 
-    The FPPI denominator is the resampled case count. Resamples without any lesion are skipped.
-    Returns [nan, nan] when no resample has a curve.
+    ``idx = default_rng(seed).integers(0, n, (n_bootstrap, n))``; the FPPI denominator is the
+    resampled case count; resamples without any lesion are skipped. Vectorised: every case's hit
+    and false-positive counts at every pooled score are tabulated once, and a resample's curve is
+    the multiplicity-weighted sum of its cases' rows (identical to :func:`froc_candidates` on the
+    resampled list). Returns [nan, nan] when no resample has a curve.
     """
     n = len(cases)
     if n == 0:
         return [float("nan"), float("nan")]
+    bests, fps = [], []
+    for c in cases:
+        best, fp_scores = c.gt_best, c.score[~c.hit]
+        if volume_threshold_ml is not None:
+            best = best[at_least(c.gt_volume_ml, volume_threshold_ml)]
+            fp_scores = fp_scores[at_least(c.volume_ml[~c.hit], volume_threshold_ml)]
+        bests.append(best)
+        fps.append(fp_scores)
+    thresholds = np.unique(np.concatenate([*bests, *fps, [np.inf]]))[::-1][1:]  # descending
+    hits = np.zeros((n, thresholds.size))
+    false = np.zeros((n, thresholds.size))
+    n_gt = np.zeros(n)
+    for i, (best, fp_scores) in enumerate(zip(bests, fps, strict=True)):
+        hit_sorted, fp_sorted = np.sort(best[np.isfinite(best)]), np.sort(fp_scores)
+        hits[i] = hit_sorted.size - np.searchsorted(hit_sorted, thresholds, side="left")
+        false[i] = fp_sorted.size - np.searchsorted(fp_sorted, thresholds, side="left")
+        n_gt[i] = best.size
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, n, (n_bootstrap, n))
+    weights = np.zeros((n_bootstrap, n))
+    np.add.at(weights, (np.repeat(np.arange(n_bootstrap), n), idx.ravel()), 1.0)
     aucs = []
-    for row in idx:
-        curve = froc_candidates([cases[i] for i in row], volume_threshold_ml)
-        if curve is not None:
-            aucs.append(froc_auc(curve, limit))
-    return _percentile_ci(aucs)
+    chunk = max(1, int(4e6 // max(thresholds.size, 1)))
+    for lo in range(0, n_bootstrap, chunk):
+        w = weights[lo:lo + chunk]
+        total = w @ n_gt
+        w = w[total > 0]
+        if w.shape[0] == 0:
+            continue
+        zeros = np.zeros((w.shape[0], 1))
+        sens = np.hstack([zeros, (w @ hits) / (w @ n_gt)[:, None]])
+        fppi = np.hstack([zeros, (w @ false) / n])
+        aucs.append(_auc_rows(fppi, sens, limit))
+    return _percentile_ci(np.concatenate(aucs) if aucs else [])
+
+
+def _auc_rows(x: np.ndarray, y: np.ndarray, limit: float) -> np.ndarray:
+    """:func:`froc_auc` for many monotone curves at once; rows of ``x`` are non-decreasing from 0."""
+    rows = np.arange(x.shape[0])
+    m = x.shape[1]
+    k = (x <= limit).sum(axis=1) - 1  # last point with FPPI ≤ limit
+    segments = 0.5 * (y[:, 1:] + y[:, :-1]) * np.diff(x, axis=1)
+    area = np.hstack([np.zeros((x.shape[0], 1)), np.cumsum(segments, axis=1)])[rows, k]
+    xk, yk = x[rows, k], y[rows, k]
+    nxt = np.minimum(k + 1, m - 1)
+    x1, y1 = x[rows, nxt], y[rows, nxt]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        y_limit = np.where(k + 1 < m, yk + (y1 - yk) * (limit - xk) / (x1 - xk), yk)
+    return area + 0.5 * (yk + y_limit) * (limit - xk)
 
 
 def sweep_auc_bootstrap_ci(
