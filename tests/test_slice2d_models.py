@@ -419,3 +419,19 @@ def test_refine_volume_prompts_only_slices_with_detections():
         shown = volume_to_slices(refined)[k].copy()
         shown[r0 : r1 + 1, c0 : c1 + 1] = False
         assert not shown.any()
+
+
+def test_prompt_bench_skips_classes_without_a_kept_component():
+    from sap.slice2d.bench import BenchSlice, run_prompt_bench
+
+    labels = np.zeros((48, 48), np.int64)
+    labels[5:25, 5:25] = 1  # 400 px: prompted
+    labels[30:33, 30:34] = 2  # 12 px < 15 px: cannot be prompted
+    image = np.random.default_rng(0).random((48, 48)).astype(np.float32)
+    rows, summary = run_prompt_bench(SamPrompter(tiny_sam()), [BenchSlice("c", 0, image, labels, (1.0, 1.0))], ["box_1C"])
+    assert [r["class"] for r in rows] == [1]
+    assert summary[0]["n_unprompted"] == 1 and summary[0]["n"] == 1
+    rows, summary = run_prompt_bench(
+        SamPrompter(tiny_sam()), [BenchSlice("c", 0, image, (labels == 2).astype(np.int64), (1.0, 1.0))], ["box_1C"]
+    )
+    assert rows == [] and summary[0]["n"] == 0 and summary[0]["n_unprompted"] == 1

@@ -7,7 +7,9 @@ Seconds per slice for a strategy = the slice's encoder time + the decoder time o
 summed over the slice's classes (the embedding is reused for every strategy and class).
 
 Classes: ``--target bone`` prompts each skeleton region (labels 1–9) separately, as paper 001
-prompts each bone; ``--target lesions`` prompts the lesion mask as one class.
+prompts each bone; ``--target lesions`` prompts the lesion mask as one class. A class whose
+components all fail the component filter cannot be prompted: it is skipped (no prediction, no
+score) and counted in ``n_unprompted``.
 
 Outputs in ``--out``: ``prompt_bench.csv`` (one row per slice × class × strategy),
 ``summary.csv`` (one row per strategy), ``settings.json``.
@@ -42,7 +44,9 @@ from sap.slice2d.prompts import (
 )
 
 ROW_FIELDS = ("case", "slice", "class", "strategy", "n_components", "dice", "iou", "hd95_mm", "nhd", "decoder_s")
-SUMMARY_FIELDS = ("strategy", "dice", "iou", "hd95_mm", "nhd", "n", "n_distance_undefined", "seconds_per_slice")
+SUMMARY_FIELDS = (
+    "strategy", "dice", "iou", "hd95_mm", "nhd", "n", "n_distance_undefined", "n_unprompted", "seconds_per_slice",
+)  # fmt: skip
 
 
 @dataclass
@@ -88,15 +92,23 @@ def run_prompt_bench(
     """Prompt every class of every slice with every strategy; returns (rows, summary rows)."""
     rows: list[dict[str, Any]] = []
     seconds: dict[str, list[float]] = {s: [] for s in strategies}
+    unprompted = 0
     for item in tqdm(slices, desc="slice2d: prompt-bench", unit="slice", disable=not progress, total=total):
-        classes = [int(c) for c in np.unique(item.labels) if c != 0]
+        # Prompts come from the reference masks (not timed, as in paper 001); a class whose
+        # components all fail the filter has nothing to prompt with.
+        classes = {}
+        for cls in (int(c) for c in np.unique(item.labels) if c != 0):
+            prims = class_primitives(item.labels == cls, slice_rng(seed, item.key, cls), 5, min_pixels, min_fraction, rule)
+            if prims:
+                classes[cls] = prims
+            else:
+                unprompted += 1
         if not classes:
             continue
         emb = prompter.embed(item.image)
         spent = dict.fromkeys(strategies, emb.seconds)
-        for cls in classes:
+        for cls, prims in classes.items():
             truth = item.labels == cls
-            prims = class_primitives(truth, slice_rng(seed, item.key, cls), 5, min_pixels, min_fraction, rule)
             for strategy in strategies:
                 prompts = prompts_for_strategy(prims, strategy)
                 start = time.perf_counter()
@@ -133,6 +145,7 @@ def run_prompt_bench(
                 "nhd": stats["nhd"],
                 "n": stats["n_slices"],
                 "n_distance_undefined": stats["n_distance_undefined"],
+                "n_unprompted": unprompted,
                 "seconds_per_slice": float(np.mean(seconds[strategy])) if seconds[strategy] else math.nan,
             }
         )

@@ -82,6 +82,8 @@ class SamPrompter:
         start = time.perf_counter()
         pixels, scale, resized = self.preprocess(image)
         embeddings = self.model.get_image_embeddings(pixels)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # GPU work is asynchronous: time it when done
         return SliceEmbedding(embeddings, tuple(image.shape), scale, resized, time.perf_counter() - start)
 
     # ------------------------------------------------------------------------- prompt side
