@@ -38,13 +38,13 @@ MR_SIGNAL: dict[str, tuple[float, float]] = {
 #: tissue → mean CT value (HU)
 CT_HU: dict[str, float] = {
     "air": -1000.0, "fat": -95.0, "muscle": 50.0, "lung": -850.0, "liver": 60.0, "spleen": 50.0,
-    "kidney": 35.0, "bladder": 8.0, "bowel": 20.0, "blood": 42.0, "marrow": 260.0, "cortex": 1100.0,
+    "kidney": 35.0, "bladder": 8.0, "bowel": 20.0, "blood": 42.0, "marrow": 260.0, "cortex": 1300.0,
     "csf": 10.0, "disc": 80.0, "visceral_fat": -90.0,
 }
 #: marrow by bone value: red (haematopoietic) marrow of the axial skeleton is darker on T1 and less
 #: fatty on CT than the yellow marrow of the long bones. Keys are bone values (phantom.bone).
 MARROW_T1 = {1: 560.0, 2: 560.0, 3: 560.0, 4: 600.0, 5: 780.0, 6: 780.0, 7: 620.0, 8: 640.0, 9: 600.0, 10: 620.0, 11: 760.0}
-MARROW_HU = {1: 280.0, 2: 270.0, 3: 260.0, 4: 240.0, 5: 120.0, 6: 130.0, 7: 260.0, 8: 300.0, 9: 280.0, 10: 320.0, 11: 150.0}
+MARROW_HU = {1: 320.0, 2: 300.0, 3: 290.0, 4: 260.0, 5: 200.0, 6: 210.0, 7: 280.0, 8: 320.0, 9: 300.0, 10: 340.0, 11: 220.0}
 
 #: mimic kind → (T1, b1000) and HU
 MIMIC_MR = {"lymph_node": (330.0, 300.0), "haemangioma": (980.0, 70.0), "bone_island": (60.0, 8.0), "implant": (0.0, 0.0)}
@@ -124,7 +124,7 @@ def render_ct(
     hu = _bone_values(bone, MARROW_HU, _lookup(CT_HU)[tissue])
     texture = smooth_noise(rng, shape, coarse=3)
     hu += np.where(bone > 0, 40.0 * texture, 6.0 * texture).astype(np.float32)
-    hu[cortex] = 0.6 * hu[cortex] + 0.4 * CT_HU["cortex"]
+    hu[cortex] = 0.5 * hu[cortex] + 0.5 * CT_HU["cortex"]  # the rim: cortex partial-volumed with marrow
     if lesions.any():
         n = int(lesions.max())
         levels = np.zeros(n + 1, dtype=np.float32)
