@@ -13,7 +13,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from scipy import stats
+
+
+def _scipy_stats():
+    # scipy.stats takes about a second to import: only the functions that test need it.
+    from scipy import stats
+
+    return stats
 
 
 def _finite(values: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -40,7 +46,7 @@ def shapiro_p(values: Sequence[float] | np.ndarray) -> float:
     a = _finite(values)
     if a.size < 3 or np.all(a == a[0]):
         return float("nan")
-    return float(stats.shapiro(a).pvalue)
+    return float(_scipy_stats().shapiro(a).pvalue)
 
 
 def describe(values: Sequence[float] | np.ndarray, n_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
@@ -89,6 +95,7 @@ def icc_a1(gt: Sequence[float] | np.ndarray, pred: Sequence[float] | np.ndarray)
     v_num = (k - 1) * (n - 1) * (k * icc * f_j + n * (1 + (k - 1) * icc) - k * icc) ** 2
     v_den = (n - 1) * k**2 * icc**2 * f_j**2 + (n * (1 + (k - 1) * icc) - k * icc) ** 2
     v = v_num / v_den
+    stats = _scipy_stats()
     f_lo = stats.f.ppf(0.975, n - 1, v)
     f_hi = stats.f.ppf(0.975, v, n - 1)
     lower = n * (ms_r - f_lo * ms_e) / (f_lo * (k * ms_c + (k * n - k - n) * ms_e) + n * ms_r)
@@ -108,7 +115,7 @@ def wilcoxon_paired(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.nda
         return float("nan")
     if np.all(a - b == 0):
         return 1.0
-    return float(stats.wilcoxon(a, b, zero_method="wilcox", alternative="two-sided").pvalue)
+    return float(_scipy_stats().wilcoxon(a, b, zero_method="wilcox", alternative="two-sided").pvalue)
 
 
 def mann_whitney(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
@@ -119,7 +126,7 @@ def mann_whitney(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarra
     a, b = _finite(x), _finite(y)
     if a.size == 0 or b.size == 0:
         return float("nan")
-    return float(stats.mannwhitneyu(a, b, alternative="two-sided", use_continuity=True).pvalue)
+    return float(_scipy_stats().mannwhitneyu(a, b, alternative="two-sided", use_continuity=True).pvalue)
 
 
 def bonferroni(p: float, m: int) -> float:
