@@ -1,0 +1,3 @@
+from sap.cli import run_module
+
+run_module("finetune")
