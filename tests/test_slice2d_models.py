@@ -435,3 +435,37 @@ def test_prompt_bench_skips_classes_without_a_kept_component():
         SamPrompter(tiny_sam()), [BenchSlice("c", 0, image, (labels == 2).astype(np.int64), (1.0, 1.0))], ["box_1C"]
     )
     assert rows == [] and summary[0]["n"] == 0 and summary[0]["n_unprompted"] == 1
+
+
+def test_predict_scores_2d_metrics_and_finishes_the_other_cases_when_one_fails(ct_cohort, tmp_path, capsys):
+    import csv
+    import shutil
+
+    from sap.slice2d.metrics import dice_iou
+
+    run = tmp_path / "unet"
+    assert main(["slice2d", "train", "--config", "tiny", "--data", str(ct_cohort), "--out", str(run),
+                 "--set", "slice2d.max_steps=1"]) == 0  # fmt: skip
+    out = tmp_path / "pred"
+    assert main(["slice2d", "predict", "--model-dir", str(run), "-i", str(ct_cohort), "-o", str(out),
+                 "--gt", str(ct_cohort), "--threshold", "0.5"]) == 0  # fmt: skip
+    rows = {r["case"]: r for r in csv.DictReader((out / "metrics2d.csv").open())}
+    assert set(rows) == {"p0", "p1", "p2"}
+    pred = read_image(out / "p1_prob.nii.gz").array >= 0.5
+    gt = read_image(ct_cohort / "patients" / "p1" / "GT.nii.gz").array > 0
+    per_slice = [dice_iou(pred[:, :, k], gt[:, :, k])[0] for k in range(gt.shape[2])]
+    defined = [x for x in per_slice if not np.isnan(x)]
+    assert float(rows["p1"]["dice"]) == pytest.approx(np.mean(defined))
+    assert int(rows["p1"]["n_both_empty"]) == len(per_slice) - len(defined)
+    assert float(rows["p1"]["volume_dice"]) == pytest.approx(dice_iou(pred, gt)[0])
+
+    broken = tmp_path / "broken"
+    shutil.copytree(ct_cohort, broken)
+    ct = broken / "patients" / "p1" / "CT.nii.gz"
+    ct.write_bytes(ct.read_bytes()[:200])  # truncated
+    out2 = tmp_path / "pred2"
+    assert main(["slice2d", "predict", "--model-dir", str(run), "-i", str(broken), "-o", str(out2)]) == 2
+    err = capsys.readouterr().err
+    assert "p1" in err and "1 of 3" in err
+    assert (out2 / "p0_prob.nii.gz").is_file() and (out2 / "p2_prob.nii.gz").is_file()
+    assert not (out2 / "p1_prob.nii.gz").exists()

@@ -47,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     predict.add_argument("--expansion", type=float, default=1.1, help="box expansion factor about the box centre")
     predict.add_argument("--crop-factor", type=float, default=2.0,
                          help="prompt SAM on a crop this many times the expanded box (paper 003); 0 = whole slice")
+    predict.add_argument("--gt", default=None, metavar="DIR",
+                         help="reference folder (CASE.nii.gz or case folders): also write metrics2d.csv with the 2D metrics")
     predict.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
     bench = sub.add_parser("prompt-bench", help="zero-shot SAM-family prompting strategies (paper 001)",
@@ -109,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
             expansion=args.expansion,
             crop_factor=args.crop_factor or None,
             overwrite=args.overwrite,
+            gt=args.gt,
         )
         print(f"sap slice2d predict: {len(written)} case(s) written to {args.output}")
         return 0

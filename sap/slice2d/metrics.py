@@ -120,3 +120,21 @@ def summarise(scores: list[SliceScore]) -> dict[str, float | int]:
         "n_both_empty": int(np.isnan(dice).sum()),
         "n_distance_undefined": int(np.isnan(hd).sum()),
     }
+
+
+def score_volume_slices(
+    pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, float, float], distances: bool = True
+) -> dict[str, float | int]:
+    """Slice-wise metrics of a restacked (X, Y, Z) prediction against its reference, axial slices.
+
+    Returns :func:`summarise` over the axial slices (pixel spacing = the first two entries of
+    ``spacing``, mm) plus ``volume_dice`` over the whole volume.
+    """
+    p = np.asarray(pred, dtype=bool)
+    g = np.asarray(gt, dtype=bool)
+    if p.shape != g.shape:
+        raise ValueError(f"prediction {p.shape} and ground truth {g.shape} differ in shape")
+    pixel = (float(spacing[0]), float(spacing[1]))
+    scores = [score_slice(p[:, :, k], g[:, :, k], pixel, distances) for k in range(p.shape[2])]
+    return {**summarise(scores), "volume_dice": volume_dice(p, g)}
+

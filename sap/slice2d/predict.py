@@ -15,6 +15,7 @@ folder of such case folders (``patients/`` and ``healthy/`` of a cohort included
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sap.data.io import IMAGE_SUFFIXES, check_writable, read_image, strip_image_suffix, write_image
+from sap.data.io import (
+    IMAGE_SUFFIXES,
+    atomic_write_text,
+    check_writable,
+    read_image,
+    strip_image_suffix,
+    write_image,
+)
 from sap.errors import SapError
 from sap.slice2d.data import bone_window, slices_to_volume, volume_to_slices
+from sap.slice2d.metrics import score_volume_slices
 from sap.slice2d.models import ModelSpec, build_model, load_state_checked
 from sap.slice2d.train import predict_slices
 
@@ -172,12 +181,17 @@ def predict_cases(
     crop_factor: float | None = 2.0,
     overwrite: bool = False,
     progress: bool = True,
+    gt: str | Path | None = None,
+    target: str | None = None,
 ) -> list[Path]:
     """Predict every input case; returns the written probability files.
 
     ``model_dir`` alone: the 2D model's restacked probabilities. With ``sam_dir`` too: the model is
     the detector and SAM refines its boxes. ``boxes_from`` (a folder of a 3D model's
     ``CASE_lesions.nii.gz`` or ``CASE_prob.nii.gz``) replaces the 2D detector.
+    ``gt`` (a folder of ``CASE.nii.gz`` or case folders) adds ``metrics2d.csv``: the 2D metrics of
+    SPEC §11 per case against the lesion mask or, for ``target="bone"``, skeleton > 0.
+    A case that fails is reported and the others still finish; the error then names the failures.
     """
     if model_dir is None and boxes_from is None:
         raise SapError("give --model-dir (a 2D model) or --boxes-from (a 3D model's predictions) with --sam-refine")
@@ -188,6 +202,8 @@ def predict_cases(
     for case_id, _ in cases:  # refuse before any work (SPEC §13)
         check_writable(out / f"{case_id}_prob.nii.gz", overwrite)
         check_writable(out / f"{case_id}_lesions.nii.gz", overwrite)
+    if gt is not None:
+        check_writable(out / "metrics2d.csv", overwrite)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model_dir(model_dir, device) if model_dir is not None else None
     prompter = None
@@ -198,24 +214,92 @@ def predict_cases(
         prompter = SamPrompter(load_hf_model(sam_dir, "sam"), sam_family, device)
     window = model.window if model is not None else (400.0, 1800.0)
     cut = threshold if threshold is not None else (model.threshold if model is not None else 0.5)
-    written = []
+    target = target or (model.target if model is not None else "lesions")
+    written: list[Path] = []
+    scores: list[dict[str, Any]] = []
+    failures: list[str] = []
     for case_id, ct_path in tqdm(cases, desc="slice2d: predicting", unit="case", disable=not progress or len(cases) < 2):
-        image = read_image(ct_path, dtype=np.float32)
-        if prompter is None:
-            prob = predict_volume(model, image.array, device=device)
-        else:
-            instances = None
-            detector = None
-            if boxes_from is not None:
-                instances = _read_instances(Path(boxes_from), case_id, image, cut)
-            else:
-                detector = predict_volume(model, image.array, device=device) >= cut
-            refined = refine_volume(prompter, image.array, window, detector, instances, expansion, crop_factor, progress)
-            prob = refined.astype(np.float32)
-        out.mkdir(parents=True, exist_ok=True)
-        _write_outputs(prob, image.geometry, out, case_id, cut, overwrite)
-        written.append(out / f"{case_id}_prob.nii.gz")
+        try:
+            prob, image = _predict_case(
+                ct_path, case_id, model, prompter, window, cut, boxes_from, expansion, crop_factor, device, progress
+            )
+            out.mkdir(parents=True, exist_ok=True)
+            _write_outputs(prob, image.geometry, out, case_id, cut, overwrite)
+            written.append(out / f"{case_id}_prob.nii.gz")
+            if gt is not None:
+                reference = _read_reference(Path(gt), case_id, target, image)
+                scores.append({"case": case_id, **score_volume_slices(prob >= cut, reference, image.spacing)})
+        except SapError as exc:
+            failures.append(f"{case_id}: {exc}")
+            print(f"sap slice2d predict: case {case_id} failed: {exc}", file=sys.stderr)
+    if gt is not None and scores:
+        _write_metrics(out / "metrics2d.csv", scores, overwrite)
+    if failures:
+        raise SapError(f"{len(failures)} of {len(cases)} case(s) failed ({'; '.join(failures)[:400]})")
     return written
+
+
+def _predict_case(
+    ct_path: Path,
+    case_id: str,
+    model: SliceModel | None,
+    prompter: Any,
+    window: tuple[float, float],
+    cut: float,
+    boxes_from: str | Path | None,
+    expansion: float,
+    crop_factor: float | None,
+    device: str,
+    progress: bool,
+) -> tuple[np.ndarray, Any]:
+    """Restacked probability (or refined mask) of one case and its image."""
+    image = read_image(ct_path, dtype=np.float32)
+    if prompter is None:
+        return predict_volume(model, image.array, device=device), image
+    instances = detector = None
+    if boxes_from is not None:
+        instances = _read_instances(Path(boxes_from), case_id, image, cut)
+    else:
+        detector = predict_volume(model, image.array, device=device) >= cut
+    refined = refine_volume(prompter, image.array, window, detector, instances, expansion, crop_factor, progress)
+    prob = refined.astype(np.float32)
+    return prob, image
+
+
+METRIC_FIELDS = ("case", "dice", "iou", "hd95_mm", "nhd", "volume_dice", "n_slices", "n_both_empty", "n_distance_undefined")
+
+
+def _write_metrics(path: Path, rows: list[dict[str, Any]], overwrite: bool) -> None:
+    import csv
+    import io
+    import math
+
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(METRIC_FIELDS), extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+    atomic_write_text(path, text.getvalue(), overwrite=overwrite)
+
+
+def _read_reference(folder: Path, case_id: str, target: str, image: Any) -> np.ndarray:
+    """The case's reference mask on the CT grid: lesions (``GT``) or bone (``skeleton`` > 0)."""
+    from sap.data.cases import find_image
+
+    stem = "GT" if target == "lesions" else "skeleton"
+    candidates = [folder / f"{case_id}.nii.gz"] if target == "lesions" else []
+    for base in (folder, folder / "patients", folder / "healthy"):
+        found = find_image(base / case_id, stem) if (base / case_id).is_dir() else None
+        if found is not None:
+            candidates.append(found)
+    path = next((c for c in candidates if c.exists()), None)
+    if path is None:
+        raise SapError(f"{folder}: no {stem} reference for case {case_id} (expected {case_id}/{stem}.nii.gz)")
+    reference = read_image(path)
+    problem = reference.geometry.same_grid(image.geometry)
+    if problem is not None:
+        raise SapError(f"{path} and {image.path} are on different grids ({problem})")
+    return reference.array > 0
 
 
 def _read_instances(folder: Path, case_id: str, image, threshold: float) -> np.ndarray:
