@@ -283,6 +283,15 @@ def test_train_predict_and_refuse_to_overwrite(ct_cohort, tmp_path, capsys):
     results, summary = score_restacked_volumes([("p1", prob.array, gt.array, gt.spacing)])
     assert summary["n_cases"] == 1 and results[0].row["n_gt"] == 1
 
+    # the files are what `sap evaluate` reads: 2D and 3D models in one table
+    import csv
+
+    report = tmp_path / "evaluate"
+    assert main(["evaluate", "--pred", str(out), "--gt", str(ct_cohort / "patients"), "--out", str(report), "--no-progress"]) == 0
+    rows = {r["case"]: r for r in csv.DictReader((report / "patients.csv").open())}
+    assert set(rows) == {"p0", "p1", "p2"} and rows["p1"]["n_gt"] == "1"
+    assert float(rows["p1"]["volume_pred_ml"] or 0) == pytest.approx(results[0].row["volume_pred_ml"])
+
 
 def test_foundation_and_sam_train_from_local_folders_only(ct_cohort, tmp_path):
     from transformers import DINOv3ViTModel, SamModel
