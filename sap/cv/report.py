@@ -324,7 +324,11 @@ def tsne_embeddings(run: RunDir, seed: int = 0) -> dict[str, dict] | None:
         n = len(label)
         if n < 4 or label.min() == label.max():
             return None
-        from sklearn.manifold import TSNE
+        try:
+            from sklearn.manifold import TSNE
+        except ImportError:
+            print("sap report: warning: scikit-learn is not installed; t-SNE figure skipped", file=sys.stderr)
+            return None
 
         perplexity = min(15.0, (n - 1) / 3)
         xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(feats)
