@@ -10,6 +10,8 @@ from pathlib import Path
 import cc3d
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import ndimage
 
 from sap.cli import main
@@ -330,3 +332,28 @@ def test_inconsistent_presets_are_refused():
         dataclasses.replace(PRESETS["tiny"], n_patients=2, n_lesion_free=3)
     with pytest.raises(SapError, match="grid"):
         dataclasses.replace(PRESETS["tiny"], grid=(64, 64))
+
+
+@settings(deadline=None, max_examples=30)
+@given(
+    n_voxels=st.integers(1, 120),
+    seed=st.integers(0, 2**16),
+    block=st.tuples(st.integers(3, 12), st.integers(3, 12), st.integers(3, 12)),
+)
+def test_grow_blob_is_one_component_of_the_asked_size_inside_the_bone(n_voxels, seed, block):
+    from sap.data.synth.lesions import grow_blob
+
+    rng = np.random.default_rng(seed)
+    allowed = np.zeros((16, 16, 16), dtype=bool)
+    allowed[2 : 2 + block[0], 2 : 2 + block[1], 2 : 2 + block[2]] = True  # a box of bone
+    allowed[rng.random(allowed.shape) < 0.05] = False  # with a few holes
+    seed_voxel = (2, 2, 2)
+    allowed[seed_voxel] = True
+    blob = grow_blob(allowed, seed_voxel, n_voxels, (1.0, 1.5, 2.0), rng)
+    assert blob[seed_voxel] and not np.any(blob & ~allowed)
+    _, n_components = cc3d.connected_components(blob, connectivity=26, return_N=True)
+    assert n_components == 1
+    reachable = cc3d.connected_components(allowed, connectivity=26)
+    room = int((reachable == reachable[seed_voxel]).sum())
+    # exact when the bone has room; otherwise as large as the bone allows
+    assert int(blob.sum()) == min(n_voxels, room) or (room > n_voxels and abs(int(blob.sum()) - n_voxels) <= 0.1 * n_voxels + 1)
