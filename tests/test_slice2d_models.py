@@ -478,3 +478,23 @@ def test_predict_scores_2d_metrics_and_finishes_the_other_cases_when_one_fails(c
     assert "p1" in err and "1 of 3" in err
     assert (out2 / "p0_prob.nii.gz").is_file() and (out2 / "p2_prob.nii.gz").is_file()
     assert not (out2 / "p1_prob.nii.gz").exists()
+
+
+def test_trains_on_a_sap_synth_ct_cohort(tmp_path):
+    """The documented path: `sap synth --modality ct` → `sap slice2d train` → `predict --gt`."""
+    import csv
+    import json
+
+    cohort = tmp_path / "cohort"
+    assert main(["synth", "--out", str(cohort), "--preset", "tiny", "--modality", "ct"]) == 0
+    run = tmp_path / "lesions"
+    assert main(["slice2d", "train", "--config", "tiny", "--data", str(cohort), "--out", str(run), "--target", "lesions",
+                 "--set", "slice2d.max_steps=2", "--set", "slice2d.slice_filter=foreground"]) == 0  # fmt: skip
+    split = json.loads((run / "split.json").read_text())
+    patients = sorted(p.name for p in (cohort / "patients").iterdir() if p.is_dir())
+    assert sorted(split["train"] + split["val"]) == patients and split["val"] and split["train"]
+    case = sorted((cohort / "patients").iterdir())[0]
+    out = tmp_path / "pred"
+    assert main(["slice2d", "predict", "--model-dir", str(run), "-i", str(case), "-o", str(out), "--gt", str(cohort)]) == 0
+    (row,) = list(csv.DictReader((out / "metrics2d.csv").open()))
+    assert row["case"] == case.name and 0.0 <= float(row["volume_dice"]) <= 1.0
