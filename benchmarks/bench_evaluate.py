@@ -142,7 +142,7 @@ def main() -> int:
     )
     parser.add_argument("--scale", type=float, default=1.0, help="linear scale of the 448×448×460 grid")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=1, help="sap evaluate --workers")
+    parser.add_argument("--workers", default="1,2", help="comma list of sap evaluate --workers values to time")
     parser.add_argument("--data", default=str(Path(tempfile.gettempdir()) / "sap_bench_evaluate"))
     parser.add_argument("--panoptica-python", default="/tmp/panoptica_env/bin/python")
     parser.add_argument("--skip-panoptica", action="store_true")
@@ -153,30 +153,17 @@ def main() -> int:
     out_dir = folder / "eval_out"
     here = Path(__file__).resolve().parent
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    times: dict[str, list[float]] = {"floor": [], "sap_process": [], "sap_in_memory": [], "panoptica": []}
+    workers = [int(w) for w in args.workers.split(",")]
+    times: dict[str, list[float]] = {"floor": [], **{f"sap_w{w}": [] for w in workers},
+                                     "sap_in_memory": [], "panoptica": []}
     peer_counts = ""
     for run in range(args.runs):
         t, _ = timed([sys.executable, "-c", FLOOR_CODE, str(pred_dir), str(gt_dir), "0.5"], env)
         times["floor"].append(t)
-        t, _ = timed(
-            [
-                sys.executable,
-                "-m",
-                "sap.evaluate",
-                "--pred",
-                str(pred_dir),
-                "--gt",
-                str(gt_dir),
-                "--out",
-                str(out_dir),
-                "--overwrite",
-                "--no-progress",
-                "--workers",
-                str(args.workers),
-            ],
-            env,
-        )
-        times["sap_process"].append(t)
+        for w in workers:
+            command = [sys.executable, "-m", "sap.evaluate", "--pred", str(pred_dir), "--gt", str(gt_dir),
+                       "--out", str(out_dir), "--overwrite", "--no-progress", "--workers", str(w)]
+            times[f"sap_w{w}"].append(timed(command, env)[0])
         times["sap_in_memory"].append(in_memory(pred_dir, gt_dir))
         if not args.skip_panoptica:
             t, peer_counts = timed(
@@ -203,17 +190,17 @@ def main() -> int:
         f"python {platform.python_version()}; grid {shape} ({np.prod(shape) / 1e6:.1f} M voxels), "
         f"{N_CASES} cases × {N_LESIONS} lesions; median of {args.runs} runs"
     )
-    print("| what | median s | vs floor | panoptica / this |")
-    print("|---|---|---|---|")
-    for key, label in (
-        ("floor", "floor: read both volumes + cc3d once (process)"),
-        ("sap_process", f"sap evaluate, whole process (--workers {args.workers})"),
-        ("sap_in_memory", "sap.metrics in-memory API (evaluate_case + summarize)"),
-        ("panoptica", "panoptica (own venv), whole process"),
-    ):
+    print("| what | median s | runs s | this / floor | panoptica / this |")
+    print("|---|---|---|---|---|")
+    rows = [("floor", "floor: read both volumes + cc3d once (process)")]
+    rows += [(f"sap_w{w}", f"`sap evaluate --workers {w}`, whole process") for w in workers]
+    rows += [("sap_in_memory", "sap.metrics in-memory API (evaluate_case × 3 + summarize)"),
+             ("panoptica", "panoptica 2.1.7 (own venv), whole process")]
+    for key, label in rows:
         if key in med:
             ratio = med["panoptica"] / med[key] if "panoptica" in med else float("nan")
-            print(f"| {label} | {med[key]:.2f} | {med[key] / med['floor']:.2f}× | {ratio:.1f}× |")
+            runs = ", ".join(f"{v:.1f}" for v in times[key])
+            print(f"| {label} | {med[key]:.1f} | {runs} | {med[key] / med['floor']:.2f}× | {ratio:.1f}× |")
     summary = json.loads((out_dir / "summary.json").read_text())
     patients = (out_dir / "patients.csv").read_text().splitlines()
     print("\nsap per case (case, n_gt, n_pred, detected, fp):")

@@ -17,6 +17,7 @@ import numpy as np
 
 from sap.metrics.components import (
     Components,
+    Matching,
     at_least,
     drop_small,
     group_max,
@@ -229,6 +230,41 @@ def _crop(bbox: np.ndarray, margin: np.ndarray, shape: tuple[int, ...]) -> tuple
     return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))  # type: ignore[return-value]
 
 
+def lesion_dice_nsd(
+    gt: Components,
+    pred: Components,
+    match: Matching,
+    spacing: tuple[float, float, float],
+    tolerance_mm: float = 2.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """E5 per lesion: Dice(g, P_g) and NSD(g, P_g), P_g = union of the components overlapping g.
+
+    Dice comes from the overlap counts of the matching (no mask at all); NSD is computed on a crop
+    around g ∪ P_g padded by one voxel plus the tolerance. Returns two (n_gt,) arrays, NaN for
+    missed lesions.
+    """
+    dice = np.full(gt.n, np.nan)
+    nsd = np.full(gt.n, np.nan)
+    margin = 1 + np.ceil(tolerance_mm / np.asarray(spacing)).astype(np.int64)
+    order = np.argsort(match.pair_gt, kind="stable")
+    pair_gt, pair_pred, pair_overlap = match.pair_gt[order], match.pair_pred[order], match.pair_overlap[order]
+    ids = np.arange(1, gt.n + 1)
+    starts = np.searchsorted(pair_gt, ids, side="left")
+    ends = np.searchsorted(pair_gt, ids, side="right")
+    for g in np.flatnonzero(match.gt_detected):
+        preds = pair_pred[starts[g]:ends[g]]
+        overlap = int(pair_overlap[starts[g]:ends[g]].sum())
+        dice[g] = 2.0 * overlap / (gt.voxel_counts[g] + pred.voxel_counts[preds - 1].sum())
+        boxes = np.vstack([gt.bboxes[g], pred.bboxes[preds - 1]])
+        union = np.empty(6, dtype=np.int64)
+        union[0::2], union[1::2] = boxes[:, 0::2].min(axis=0), boxes[:, 1::2].max(axis=0)
+        box = _crop(union, margin, gt.labels.shape)
+        lesion = gt.crop_ids(box) == g + 1
+        predicted = np.isin(pred.crop_ids(box), preds)
+        nsd[g] = normalized_surface_dice(lesion, predicted, spacing, tolerance_mm)
+    return dice, nsd
+
+
 def evaluate_case(
     prob: np.ndarray,
     gt: np.ndarray,
@@ -271,26 +307,7 @@ def evaluate_case(
     pred_score = group_max(pred_c.ids_at(idx_low[above_t]), vals_low[above_t], pred_c.n)
     gt_score = group_max(gt_c.ids_at(gt_c.flat_index), flat_prob[gt_c.flat_index], gt_c.n)
 
-    # E5: Dice from the overlap pairs; NSD on a crop around g ∪ P_g.
-    pred_vox = pred_c.voxel_counts
-    gt_dice = np.full(gt_c.n, np.nan)
-    gt_nsd = np.full(gt_c.n, np.nan)
-    margin = 1 + np.ceil(s.tolerance_mm / np.asarray(spacing)).astype(np.int64)
-    order = np.argsort(match.pair_gt, kind="stable")
-    pair_gt, pair_pred, pair_ov = match.pair_gt[order], match.pair_pred[order], match.pair_overlap[order]
-    starts = np.searchsorted(pair_gt, np.arange(1, gt_c.n + 1), side="left")
-    ends = np.searchsorted(pair_gt, np.arange(1, gt_c.n + 1), side="right")
-    for g in np.flatnonzero(match.gt_detected) + 1:
-        preds = pair_pred[starts[g - 1]:ends[g - 1]]
-        overlap = int(pair_ov[starts[g - 1]:ends[g - 1]].sum())
-        gt_dice[g - 1] = 2.0 * overlap / (gt_c.voxel_counts[g - 1] + pred_vox[preds - 1].sum())
-        boxes = np.vstack([gt_c.bboxes[g - 1], pred_c.bboxes[preds - 1]])
-        union = np.empty(6, dtype=np.int64)
-        union[0::2], union[1::2] = boxes[:, 0::2].min(axis=0), boxes[:, 1::2].max(axis=0)
-        box = _crop(union, margin, prob.shape)
-        g_mask = gt_c.labels[box] == g  # gt labels use the identity lookup
-        p_mask = np.isin(pred_c.crop_ids(box), preds)
-        gt_nsd[g - 1] = normalized_surface_dice(g_mask, p_mask, spacing, s.tolerance_mm)  # type: ignore[arg-type]
+    gt_dice, gt_nsd = lesion_dice_nsd(gt_c, pred_c, match, spacing, s.tolerance_mm)  # type: ignore[arg-type]
 
     # E6: global Dice from counts only.
     gt_vox, pred_total = gt_c.total_voxels(), pred_c.total_voxels()
