@@ -136,16 +136,15 @@ def split_by_patient(
 ) -> tuple[list[str], list[str]]:
     """Train/validation case ids with every subject entirely on one side.
 
-    n_val subjects = max(1, round(val_fraction × subjects)) when there are at least two subjects
-    (else no validation cases); the subject order is a seeded permutation of the sorted ids.
+    The shared subject-grouped rule of :func:`sap.data.splits.pretrain_split`: n_val subjects =
+    max(1, round(val_fraction × subjects)) when there are at least two subjects (else no
+    validation cases), drawn by a seeded permutation of the sorted subject ids.
     """
+    from sap.data.cases import Case
+    from sap.data.splits import pretrain_split
+
     if len(case_ids) != len(subject_ids):
         raise ValueError("case_ids and subject_ids differ in length")
-    subjects = sorted(set(subject_ids))
-    rng = np.random.default_rng(seed)
-    order = [subjects[i] for i in rng.permutation(len(subjects))]
-    n_val = 0 if len(subjects) < 2 else min(len(subjects) - 1, max(1, round(val_fraction * len(subjects))))
-    val_subjects = set(order[:n_val])
-    train = [c for c, s in zip(case_ids, subject_ids, strict=True) if s not in val_subjects]
-    val = [c for c, s in zip(case_ids, subject_ids, strict=True) if s in val_subjects]
-    return train, val
+    cases = [Case(case_id=c, subject_id=s, group="patients", channels={}) for c, s in zip(case_ids, subject_ids, strict=True)]
+    train, val = pretrain_split(cases, val_fraction, seed)
+    return [c.case_id for c in train], [c.case_id for c in val]
