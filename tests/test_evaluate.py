@@ -221,3 +221,15 @@ def test_results_do_not_depend_on_file_orientation(tmp_path):
         outs.append(pd.read_csv(out / "patients.csv"))
     for other in outs[1:]:
         pd.testing.assert_frame_equal(outs[0], other, rtol=1e-9)
+
+
+def test_config_overrides_reach_the_settings(folders, tmp_path):
+    pred_dir, gt_dir = folders
+    out = tmp_path / "out"
+    assert evaluate("--pred", str(pred_dir), "--gt", str(gt_dir), "--out", str(out), "--config", "tiny",
+                    "--set", "evaluate.tolerance_mm=1.0", "--connectivity", "6", "--min-volume-ml", "0.03") == 0
+    settings = json.loads((out / "summary.json").read_text())["settings"]
+    assert settings["tolerance_mm"] == 1.0 and settings["connectivity"] == 6
+    assert settings["n_bootstrap"] == 200  # the tiny preset's value
+    rows = pd.read_csv(out / "patients.csv", dtype={"case": str}).set_index("case")
+    assert rows.loc["b", "n_pred"] == 1  # the 0.024 mL false positive is dropped by --min-volume-ml

@@ -368,3 +368,38 @@ def test_froc_auc_bootstrap_ci_equals_resampling_the_case_list():
         aucs = [froc_auc(c, limit) for c in curves if c is not None]
         expected = np.percentile(aucs, [2.5, 97.5])
         assert froc_auc_bootstrap_ci(cases, v, limit, 300, 0) == pytest.approx(expected.tolist(), abs=1e-12)
+
+
+def test_float_map_with_nothing_above_t_min_is_not_binary():
+    gt = volume(box(2, 4, 2, 4, 2, 4))
+    r = evaluate_case(np.full(SHAPE, 0.01, np.float32), gt, (1, 1, 1))
+    assert not r.binary and r.candidates.score.size == 0
+    curve = summarize([r])["froc"]
+    assert curve is not None and curve["sensitivity"] == [0.0]
+
+
+def test_cumulative_volume_curves_by_hand():
+    from sap.metrics import cumulative_volume_curves
+
+    curves = cumulative_volume_curves(
+        gt_volume_ml=np.array([0.2, 1.0, 3.0]), gt_detected=np.array([False, True, True]),
+        pred_volume_ml=np.array([0.5, 2.0, 1.0]), pred_true=np.array([False, False, True]),
+        n_cases=2, volumes_ml=[0.0, 1.0, 2.5, 5.0],
+    )
+    assert curves["n_gt"] == [3, 2, 1, 0]
+    assert curves["sensitivity"][:3] == pytest.approx([2 / 3, 1.0, 1.0]) and np.isnan(curves["sensitivity"][3])
+    assert curves["fp_per_case"] == pytest.approx([1.0, 0.5, 0.0, 0.0])
+
+
+def test_sweep_mode_summary_by_hand():
+    gt = volume(box(2, 4, 2, 4, 2, 4))
+    pred = np.zeros(SHAPE, np.float32)
+    pred[2:4, 2:4, 2:4] = 0.8
+    pred[10:12, 10:12, 8:10] = 0.3  # a false positive at thresholds ≤ 0.3
+    settings = EvaluationSettings(froc="sweep", grid=(0.2, 0.5, 0.9), n_bootstrap=50)
+    r = evaluate_case(pred, gt, (1, 1, 1), settings)
+    s = summarize([r], settings)
+    # thresholds 0.2: (fp 1, sens 1); 0.5: (0, 1); 0.9: (0, 0); with (0, 0) prepended, sorted
+    assert s["froc"]["fppi"] == [0.0, 0.0, 1.0] and s["froc"]["sensitivity"] == [0.0, 1.0, 1.0]
+    assert s["froc"]["auc"] == pytest.approx(15.0)
+    assert s["froc"]["mode"] == "sweep" and s["froc"]["thresholds"] == [0.2, 0.5, 0.9]
