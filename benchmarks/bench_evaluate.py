@@ -88,7 +88,7 @@ def generate(folder: Path, scale: float) -> tuple[Path, Path]:
     pred_dir, gt_dir = folder / "pred", folder / "gt"
     stamp = folder / "stamp.json"
     params = {"shape": shape, "spacing": SPACING, "cases": N_CASES, "lesions": N_LESIONS, "version": 1}
-    if stamp.is_file() and json.loads(stamp.read_text()) == params:
+    if stamp.is_file() and json.loads(stamp.read_text()) == json.loads(json.dumps(params)):
         return pred_dir, gt_dir
     geometry = make_geometry(shape, SPACING)  # type: ignore[arg-type]
     for c in range(N_CASES):
