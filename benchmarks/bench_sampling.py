@@ -8,6 +8,8 @@ Rows, all on the same synthetic whole-body cases (``sampling_data.py``), 96³ ×
 - ``MONAI CacheDataset``: ``LoadImaged`` → ``EnsureChannelFirstd`` → ``FgBgToIndicesd`` cached
   (set-up time), then ``RandCropByPosNegLabeld(fg_indices_key=…, bg_indices_key=…, num_samples=2)``
   per item;
+- the same with ``CacheDataset(copy_cache=False)`` (MONAI's default deep-copies the cached item,
+  whole volume included, before every random crop; safe to skip here as no transform works in place);
 - ``MONAI LoadImaged``: the same transforms without the cache (every item decodes the NIfTI files).
 
 Each row runs in its own process (peak RSS = ``ru_maxrss`` of that process; "above imports" subtracts
@@ -40,11 +42,12 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-MODES = ("sap-instance", "sap-posneg", "monai-cache", "monai-load")
+MODES = ("sap-instance", "sap-posneg", "monai-cache", "monai-cache-nocopy", "monai-load")
 LABELS = {
     "sap-instance": "sap InstanceBalancedSampler (memory-mapped cache)",
     "sap-posneg": "sap PosNegSampler (memory-mapped cache)",
     "monai-cache": "MONAI CacheDataset + FgBgToIndicesd + RandCropByPosNegLabeld",
+    "monai-cache-nocopy": "the same, CacheDataset(copy_cache=False)",
     "monai-load": "MONAI LoadImaged + FgBgToIndicesd + RandCropByPosNegLabeld (no cache)",
 }
 BIN_EDGES_ML = (0.1, 0.5, 1.0, 5.0)
@@ -137,8 +140,15 @@ def run_worker(mode: str, cases: list[dict], patch: int, n_patches: int, seed: i
 
         data = [{"image": c["image_nii"], "label": c["label_nii"]} for c in cases]
         transform = _monai_transform(patch)
-        if mode == "monai-cache":
-            dataset = CacheDataset(data, transform=transform, cache_rate=1.0, num_workers=0, progress=False)
+        if mode.startswith("monai-cache"):
+            dataset = CacheDataset(
+                data,
+                transform=transform,
+                cache_rate=1.0,
+                num_workers=0,
+                progress=False,
+                copy_cache=mode == "monai-cache",  # the default deep-copies each cached item per draw
+            )
         else:
             dataset = Dataset(data, transform=transform)
         setup = time.perf_counter() - t0
