@@ -168,8 +168,11 @@ def volume_figure(cumulative: Mapping[str, dict], gt_volumes: np.ndarray, path: 
 
 def region_figure(table: Any, path: Path) -> Path:
     """Per-region sensitivity (bars per method, n lesions on top) and false positives per exam."""
-    regions = list(dict.fromkeys(table["region"]))
-    methods = list(dict.fromkeys(table["method"]))
+    from sap.data.labels import SKELETON_CLASSES, region_name
+
+    order = [region_name(i) for i in range(1, len(SKELETON_CLASSES))] + [region_name(0), "unknown"]
+    regions = [r for r in order if r in set(table["region"])]
+    methods = [m for m in COLORS if m in set(table["method"])]
     fig, (ax_s, ax_f) = plt.subplots(1, 2, figsize=(12, 4.5))
     width = 0.8 / max(1, len(methods))
     x = np.arange(len(regions))
@@ -177,20 +180,19 @@ def region_figure(table: Any, path: Path) -> Path:
         sub = table[table["method"] == m].set_index("region").reindex(regions)
         ax_s.bar(x + i * width, sub["sensitivity"].to_numpy(dtype=float), width, color=COLORS[m], label=LABELS[m])
         ax_f.bar(x + i * width, sub["fp_per_exam"].to_numpy(dtype=float), width, color=COLORS[m], label=LABELS[m])
-    first = table[table["method"] == methods[0]].set_index("region").reindex(regions) if methods else None
+    n_lesions = table.groupby("region")["n_lesions"].max().reindex(regions).fillna(0).astype(int)
     for ax in (ax_s, ax_f):
         ax.set_xticks(x + width * (len(methods) - 1) / 2, [r.replace("_", " ") for r in regions], rotation=35,
                       ha="right", fontsize=8)
         ax.grid(axis="y", alpha=0.3)
-    if first is not None:
-        for xi, n in zip(x, first["n_lesions"].fillna(0).astype(int), strict=True):
-            ax_s.text(xi + width * (len(methods) - 1) / 2, 1.02, f"n={n}", ha="center", fontsize=7)
+    for xi, n in zip(x, n_lesions, strict=True):
+        ax_s.text(xi + width * (len(methods) - 1) / 2, 1.02, f"n={n}", ha="center", fontsize=7)
     ax_s.set_ylim(0, 1.1)
     ax_s.set_ylabel("sensitivity (pooled)")
     ax_s.set_title("Sensitivity per skeletal region", fontsize=10)
     ax_f.set_ylabel("false positives per exam")
     ax_f.set_title("False positives per region", fontsize=10)
-    ax_s.legend(fontsize=8)
+    ax_f.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     return _save(fig, path)
 

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from sap import RESEARCH_USE_ONLY, __version__
-from sap.cv.rundir import METHOD_LABELS, METHODS, RunDir
+from sap.cv.rundir import METHOD_LABELS, METHODS, RunDir, load_run_config
 from sap.data.io import atomic_write_text
 from sap.errors import SapError
 
@@ -409,14 +409,13 @@ def build_report(run_root: str | Path, progress: bool = True) -> Path:
     """(Re)build ``RUN/report`` from the stored results; returns the path of report.md."""
     import pandas as pd
 
-    from sap.config import load_config
     from sap.cv import figures
 
     t0 = time.perf_counter()
     run = RunDir(Path(run_root))
     if not run.root.is_dir():
         raise SapError(f"{run.root}: run folder not found")
-    cfg = load_config(run.config) if run.config.is_file() else None
+    cfg = load_run_config(run.config) if run.config.is_file() else None
     scale = cfg.scale if cfg is not None else "paper"
     results = {m: r for m in METHODS if (r := load_method(run, m)) is not None}
     if not results:

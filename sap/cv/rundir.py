@@ -280,3 +280,40 @@ def write_manifest(run: RunDir, cfg: Config, methods: list[str], extra: dict[str
     if extra:
         manifest["extra"] = {**manifest.get("extra", {}), **extra}
     return atomic_write_text(run.manifest, json.dumps(manifest, indent=1, default=str) + "\n")
+
+
+def load_run_config(path: Path) -> Config:
+    """The resolved config stored in a run folder.
+
+    A run written by an older sap may hold keys this version no longer knows (e.g. a removed
+    option of another stage); those are dropped with a warning so the run can still be reported,
+    while wrong types or values of known keys stay errors.
+    """
+    import dataclasses
+    import sys
+    import typing
+
+    from sap.config import ConfigError, config_from_dict, load_config, read_yaml
+
+    try:
+        return load_config(path)
+    except ConfigError:
+        raw = read_yaml(path)
+    dropped: list[str] = []
+
+    def prune(cls: type, node: Any, prefix: str) -> Any:
+        if not isinstance(node, dict) or not dataclasses.is_dataclass(cls):
+            return node
+        hints = typing.get_type_hints(cls)
+        out = {}
+        for key, value in node.items():
+            if key not in hints:
+                dropped.append(prefix + key)
+                continue
+            out[key] = prune(hints[key], value, f"{prefix}{key}.") if dataclasses.is_dataclass(hints[key]) else value
+        return out
+
+    cfg = config_from_dict(prune(Config, raw, ""), source=str(path))
+    print(f"sap: warning: {path}: ignored keys this sap version does not know: {', '.join(dropped)}",
+          file=sys.stderr)
+    return cfg

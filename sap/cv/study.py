@@ -370,12 +370,12 @@ def finalize_run(run_root: Path, overwrite: bool = False) -> Study | None:
 
     Returns the study, or None when the run has no stored config.
     """
-    from sap.config import load_config
+    from sap.cv.rundir import load_run_config
 
     run = RunDir(Path(run_root))
     if not run.config.is_file():
         return None
-    cfg = load_config(run.config)
+    cfg = load_run_config(run.config)
     cfg.out = str(run.root)
     study = Study(cfg, overwrite=overwrite)
     methods = run.methods_present()
