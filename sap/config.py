@@ -418,4 +418,28 @@ def config_from_args(args: Any) -> Config:
         cfg.data.root = str(args.data)
     if getattr(args, "out", None):
         cfg.out = str(args.out)
+    overridden = {parse_override(text)[0] for text in overrides}
+    apply_cohort_metadata(cfg, keep=overridden)
     return cfg
+
+
+def apply_cohort_metadata(cfg: Config, keep: set[str] | frozenset[str] = frozenset()) -> None:
+    """Take channel names and modality from ``ROOT/cohort.json`` (written by ``sap synth``).
+
+    A cohort that states its own channels (``CT`` for a CT cohort) is read with them whatever the
+    preset says; keys the user set with ``--set`` (``keep``) win.
+    """
+    if not cfg.data.root:
+        return
+    path = Path(cfg.data.root) / "cohort.json"
+    if not path.is_file():
+        return
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, OSError) as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
+    channels, modality = meta.get("channels"), meta.get("modality")
+    if isinstance(channels, list) and "data.channels" not in keep and channels != cfg.data.channels:
+        cfg.data.channels = [str(c) for c in channels]
+    if modality in ("mr", "ct") and "data.modality" not in keep and modality != cfg.data.modality:
+        cfg.data.modality = modality

@@ -221,3 +221,32 @@ def test_n4_reduces_a_smooth_bias_field(tmp_path):
     corrected = from_sitk(n4_correct(to_sitk(image, geometry), shrink=2), geometry)
     cv = lambda a: a[body].std() / a[body].mean()  # noqa: E731
     assert cv(corrected) < 0.5 * cv(image)
+
+
+def test_outputs_have_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    write_cohort(tmp_path, n_healthy=1, n_patients=1)
+    umask = os.umask(0)
+    os.umask(umask)
+    mode = stat.S_IMODE((tmp_path / "patients/p0/GT.nii.gz").stat().st_mode)
+    assert mode == 0o666 & ~umask
+    cfg = _cfg(tmp_path)
+    cached = load_cached(discover_cohort(cfg.data).patients[0], cfg.data)
+    assert stat.S_IMODE(cached.path.stat().st_mode) == 0o777 & ~umask
+
+
+def test_cohort_json_states_channels_unless_overridden(tmp_path):
+    import argparse
+
+    from sap.config import config_from_args
+
+    write_case(tmp_path / "patients" / "p0", channels=("CT",))
+    (tmp_path / "cohort.json").write_text(json.dumps({"channels": ["CT"], "modality": "ct"}))
+    args = argparse.Namespace(config="demo", overrides=[], data=str(tmp_path), out=None)
+    cfg = config_from_args(args)
+    assert cfg.data.channels == ["CT"] and cfg.data.modality == "ct"
+    assert list(discover_cohort(cfg.data).patients[0].channels) == ["CT"]
+    args.overrides = ["data.channels=[T1]"]
+    assert config_from_args(args).data.channels == ["T1"]

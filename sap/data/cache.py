@@ -69,6 +69,12 @@ def _hash_file(path: Path, digest: hashlib._Hash) -> None:
                 digest.update(block)
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def cache_key(case: Case, cfg: DataConfig) -> str:
     """Hash of the case's file contents and the preprocessing settings."""
     digest = hashlib.blake2b(digest_size=10)
@@ -139,6 +145,7 @@ def load_cached(case: Case, cfg: DataConfig) -> CachedCase:
     pre = preprocess_case(case, cfg)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=root))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the cache is an ordinary folder
     try:
         np.save(tmp / "image.npy", np.ascontiguousarray(pre.image, dtype=np.float32))
         np.save(tmp / "body.npy", np.ascontiguousarray(pre.body, dtype=np.uint8))

@@ -294,6 +294,22 @@ def read_geometry(path: str | Path) -> Geometry:
     )
 
 
+def _default_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def publish(tmp: str | Path, path: str | Path) -> None:
+    """Rename a finished temporary file into place with the usual permissions.
+
+    ``mkstemp`` creates files readable by their owner only; outputs should be as readable as any
+    file the user creates (umask respected).
+    """
+    os.chmod(tmp, _default_mode())
+    os.replace(tmp, path)
+
+
 def _temporary_sibling(path: Path) -> Path:
     suffix = next((s for s in IMAGE_SUFFIXES if path.name.endswith(s)), path.suffix)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
@@ -326,7 +342,7 @@ def write_image(
     tmp = _temporary_sibling(path)
     try:
         sitk.WriteImage(image, str(tmp), useCompression=compress)
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -369,7 +385,7 @@ def atomic_write_text(path: Path, text: str, overwrite: bool = True) -> Path:
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -384,7 +400,7 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> Path:
     os.close(fd)
     try:
         np.save(tmp, array)
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

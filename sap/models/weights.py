@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sap.data.io import publish
 from sap.errors import SapError
 from sap.models.swin import patch_merging_layout, set_patch_merging
 
@@ -312,7 +313,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     os.close(fd)
     try:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
