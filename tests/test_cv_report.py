@@ -226,3 +226,49 @@ def test_method_and_fold_parsing():
         parse_folds("0", 3)
     with pytest.raises(SapError, match="unknown method"):
         parse_methods("unet", ["sap"])
+
+
+# ------------------------------------------------------------------------------------ t-SNE features
+def _cached(seed: int, lesion_boxes):
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(seed)
+    shape = (48, 48, 64)
+    lesions = np.zeros(shape, np.uint8)
+    for x, y, z, s in lesion_boxes:
+        lesions[x : x + s, y : y + s, z : z + s] = 1
+    body = np.zeros(shape, np.uint8)
+    body[4:44, 4:44, :] = 1
+    image = rng.normal(0.5, 0.1, (2, *shape)).astype(np.float32)
+    return SimpleNamespace(case_id=f"c{seed}", image=image, body=body, lesions=lesions, shape=shape)
+
+
+def test_t_sne_patches_are_lesion_centred_and_negatives_lesion_free():
+    from sap.cv.features import select_patches
+
+    cached = [_cached(0, [(10, 10, 10, 3), (30, 30, 40, 4)]), _cached(1, [(20, 24, 30, 2)]), _cached(2, [])]
+    patch = (32, 32, 32)
+    patches = select_patches(cached, patch, seed=0, max_patches=24)
+    labels = [p[2] for p in patches]
+    assert labels.count(1) == 3 and labels.count(0) == 3
+    for index, start, label in patches:
+        box = tuple(slice(int(a), int(a) + 32) for a in start)
+        held = cached[index].lesions[box].sum()
+        assert (held > 0) if label == 1 else (held == 0)
+    # at most max_patches lesions, as many negatives
+    many = [_cached(3, [(4 + 6 * i, 8, 8, 2) for i in range(6)])]
+    assert sum(p[2] for p in select_patches(many, patch, seed=0, max_patches=4)) == 4
+
+
+def test_encoder_features_have_16_times_feature_size_values():
+    from sap.config import load_config
+    from sap.cv.features import encoder_patch_features, select_patches
+    from sap.models.swin import build_swin_unetr
+
+    cfg = load_config("tiny")
+    model = build_swin_unetr(cfg.model, in_channels=2, out_channels=2)
+    cached = [_cached(0, [(10, 10, 10, 3)])]
+    patches = select_patches(cached, (32, 32, 32), seed=0)
+    feats = encoder_patch_features(model, cached, patches, (32, 32, 32), batch_size=2)
+    assert feats.shape == (len(patches), 16 * cfg.model.feature_size)
+    assert np.isfinite(feats).all() and not np.allclose(feats[0], feats[1])

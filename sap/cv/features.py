@@ -30,7 +30,8 @@ def select_patches(cached: list[Any], patch: tuple[int, int, int], seed: int,
     Lesions: centroid of each connected component (random subset of ``max_patches``).
     Negatives: random body voxels whose patch holds no lesion voxel (as many as lesions).
     """
-    from sap.metrics import label_components
+    import cc3d
+
     from sap.sampling.patches import start_around
 
     rng = np.random.default_rng(seed)
@@ -38,10 +39,12 @@ def select_patches(cached: list[Any], patch: tuple[int, int, int], seed: int,
     for index, case in enumerate(cached):
         if case.lesions is None:
             continue
-        comp = label_components(np.asarray(case.lesions) > 0)
-        for k in range(comp.n):
-            vox = np.argwhere(comp.lut[comp.labels] == k + 1)
-            lesions.append((index, np.round(vox.mean(axis=0)).astype(np.int64)))
+        labels, n = cc3d.connected_components(np.asarray(case.lesions) > 0, connectivity=26, return_N=True)
+        if n == 0:
+            continue
+        centroids = cc3d.statistics(labels)["centroids"][1:]  # one pass for all lesions
+        for centre in centroids:
+            lesions.append((index, np.round(centre).astype(np.int64)))
     if len(lesions) > max_patches:
         lesions = [lesions[i] for i in sorted(rng.choice(len(lesions), max_patches, replace=False))]
     out = [(i, start_around(c, cached[i].shape, patch), 1) for i, c in lesions]
@@ -65,7 +68,8 @@ def select_patches(cached: list[Any], patch: tuple[int, int, int], seed: int,
     return out
 
 
-def encoder_patch_features(model: Any, cached: list[Any], patches: list, patch: tuple[int, int, int]) -> np.ndarray:
+def encoder_patch_features(model: Any, cached: list[Any], patches: list, patch: tuple[int, int, int],
+                           batch_size: int = 4) -> np.ndarray:
     """(n, 16·feature_size) stage-4 global means of ``patches`` (CPU or GPU, no gradients)."""
     import torch
 
@@ -77,10 +81,11 @@ def encoder_patch_features(model: Any, cached: list[Any], patches: list, patch: 
     model = model.to(device).eval()
     feats = []
     with torch.no_grad():
-        for index, start, _ in patches:
-            x = read_patch(cached[index].image, start, patch).astype(np.float32)
-            feats.append(encoder_features(model, torch.from_numpy(x)[None].to(device)).cpu().numpy()[0])
-    return np.asarray(feats, dtype=np.float32)
+        for first in range(0, len(patches), batch_size):
+            batch = np.stack([read_patch(cached[index].image, start, patch).astype(np.float32)
+                              for index, start, _ in patches[first : first + batch_size]])
+            feats.append(encoder_features(model, torch.from_numpy(batch).to(device)).cpu().numpy())
+    return np.concatenate(feats).astype(np.float32) if feats else np.zeros((0, 0), np.float32)
 
 
 def compute_features(study: Any, max_patches: int = MAX_PATCHES) -> dict[str, Path]:
