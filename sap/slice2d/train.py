@@ -77,6 +77,9 @@ def create_model(kind: str, settings: Slice2DConfig) -> tuple[torch.nn.Module, M
                 "(or slice2d.sam_checkpoint); weights are never downloaded"
             )
         sam = load_hf_model(settings.sam_checkpoint, "sam")
+        # SAM/MedSAM work at their encoder's input size (1024 for the published weights, as paper 000
+        # trains them); slices are resized to it directly rather than to slice2d.image_size
+        size = int(sam.config.vision_config.image_size)
         arch = {
             "sam_config": hf_config_dict(sam),
             "adapter_channels": list(settings.sam_adapter_channels),
