@@ -20,8 +20,9 @@ from tests.datafactory import write_case
 HIT_RATE = {"baseline": 0.4, "ssl": 0.6, "sap": 0.85}
 
 
-SHAPE = (24, 24, 24)
+SHAPE = (24, 20, 28)  # not cubic: a mix-up of voxel orders cannot go unnoticed
 SPACING = (4.0, 4.0, 4.0)  # 0.064 mL voxels: a 3×3×3 lesion is 1.7 mL, 2×2×2 is 0.5 mL
+AXCODES = "SPL"  # files stored in another axis order than the canonical arrays (as many scanners do)
 
 
 def write_study_cohort(root: Path, n_patients: int = 9, n_healthy: int = 2) -> Path:
@@ -31,7 +32,8 @@ def write_study_cohort(root: Path, n_patients: int = 9, n_healthy: int = 2) -> P
     for label, z in zip((1, 2, 3, 4, 5), range(0, 24, 5), strict=False):
         skeleton[6:18, 6:18, z : z + 5] = label
     for i in range(n_healthy):
-        write_case(root / "healthy" / f"h{i}", shape=SHAPE, spacing=SPACING, lesions=None, skeleton=skeleton, seed=i)
+        write_case(root / "healthy" / f"h{i}", shape=SHAPE, spacing=SPACING, lesions=None, skeleton=skeleton, seed=i,
+                   axcodes=AXCODES)
     for i in range(n_patients):
         lesions = np.zeros(SHAPE, np.uint8)
         for j in range(i % 5):
@@ -40,7 +42,7 @@ def write_study_cohort(root: Path, n_patients: int = 9, n_healthy: int = 2) -> P
             z = int(rng.integers(1, 20))
             lesions[x : x + size, y : y + size, z : z + size] = 1
         write_case(root / "patients" / f"p{i}", shape=SHAPE, spacing=SPACING, lesions=lesions, skeleton=skeleton,
-                   seed=100 + i)
+                   seed=100 + i, axcodes=AXCODES)
     return root
 
 

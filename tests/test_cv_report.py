@@ -272,3 +272,29 @@ def test_encoder_features_have_16_times_feature_size_values():
     feats = encoder_patch_features(model, cached, patches, (32, 32, 32), batch_size=2)
     assert feats.shape == (len(patches), 16 * cfg.model.feature_size)
     assert np.isfinite(feats).all() and not np.allclose(feats[0], feats[1])
+
+
+def test_overlays_show_the_lesions_named_in_lesions_csv(study):
+    """Files are stored in another axis order than the canonical arrays (fixture): the overlay
+    must find lesion ids the way sap.evaluate numbered them."""
+    from sap.cv.report import load_method, overlay_panels
+
+    results = {m: load_method(study.run, m) for m in METHODS}
+    panels = overlay_panels(study.run, results, study.cfg)
+    assert len(panels) == 3
+    for panel in panels:
+        assert panel["measured_volume_ml"] == pytest.approx(panel["volume_ml"])
+        assert panel["gt"].any()
+        assert set(panel["pred"]) == set(METHODS)
+
+
+def test_evaluation_order_round_trip(study):
+    """The study reads skeletons in sap.evaluate's voxel order and maps lesions back to canonical
+    arrays for display: the round trip must give read_image's array."""
+    from sap.cv.stages import evaluation_to_canonical, read_evaluation_order
+    from sap.data.io import read_image
+
+    case = next(iter(study.cases.values()))
+    for path in (case.skeleton, case.lesions):
+        array, _ = read_evaluation_order(path)
+        assert np.array_equal(evaluation_to_canonical(array, path), read_image(path).array)

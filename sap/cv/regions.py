@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from sap.data.io import atomic_write_text, read_image
+from sap.data.io import atomic_write_text
 from sap.data.labels import N_SKELETON_CLASSES, region_name
+from sap.errors import SapError
 
 REGION_COLUMNS = ("case", "fold", "kind", "id", "volume_ml", "matched", "region")
 UNKNOWN_REGION = "unknown"
@@ -46,7 +47,11 @@ def region_rows(
     min_volume_ml: float,
     connectivity: int = 26,
 ) -> list[dict]:
-    """Rows (gt lesions, then predicted components) with their region for one case."""
+    """Rows (gt lesions, then predicted components) with their region for one case.
+
+    ``prob`` and ``gt`` are in the files' own voxel order, as :func:`sap.evaluate.api.load_pair`
+    returns them; the skeleton is read in that order too, so ids match ``lesions.csv``.
+    """
     from sap.metrics import (
         drop_small,
         label_components,
@@ -59,7 +64,12 @@ def region_rows(
     pred_c = drop_small(label_components(prob >= threshold, connectivity, voxel_volume_ml(tuple(spacing))),
                         min_volume_ml)
     match = match_components(gt_c, pred_c)
-    skeleton = read_image(skeleton_path).array if skeleton_path is not None else None
+    # same voxel order as ``prob``/``gt`` (sap.evaluate reads files in their own order)
+    from sap.cv.stages import read_evaluation_order
+
+    skeleton = read_evaluation_order(skeleton_path)[0] if skeleton_path is not None else None
+    if skeleton is not None and skeleton.shape != gt.shape:
+        raise SapError(f"{skeleton_path}: skeleton grid {skeleton.shape} differs from the lesion mask's {gt.shape}")
     rows = []
     for kind, comp, matched in (("gt", gt_c, match.gt_detected), ("pred", pred_c, match.pred_true)):
         if skeleton is not None:

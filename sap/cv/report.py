@@ -343,8 +343,9 @@ def tsne_embeddings(run: RunDir, seed: int = 0) -> dict[str, dict] | None:
 def overlay_panels(run: RunDir, results: dict[str, MethodResults], cfg: Any, half_width_mm: float = 48.0) -> list[dict]:
     """Coronal crops through the lesions at the 25th/50th/75th percentile of per-lesion Dice of
     the ranking method (sap when present), with each method's prediction at its threshold."""
+    from sap.cv.stages import evaluation_to_canonical, read_evaluation_order
     from sap.data.cases import discover_cohort
-    from sap.data.io import read_image
+    from sap.data.io import read_geometry, read_image
     from sap.metrics import label_ground_truth
 
     rank = "sap" if "sap" in results else list(results)[-1]
@@ -365,10 +366,12 @@ def overlay_panels(run: RunDir, results: dict[str, MethodResults], cfg: Any, hal
         case = cases.get(str(row["case"]))
         if case is None:
             continue
-        gt_image = read_image(case.lesions)
-        spacing = gt_image.spacing
-        comp = label_ground_truth(gt_image.array, spacing, cfg.evaluate.connectivity)
-        mask = comp.lut[comp.labels] == int(row["id"])
+        # Lesion ids of lesions.csv come from labelling the file in its own voxel order (as
+        # sap.evaluate reads it): label the same way, then turn the lesion into canonical order.
+        gt_eval, eval_spacing = read_evaluation_order(case.lesions)
+        comp = label_ground_truth(gt_eval, eval_spacing, cfg.evaluate.connectivity)
+        mask = evaluation_to_canonical(comp.lut[comp.labels] == int(row["id"]), case.lesions)
+        spacing = read_geometry(case.lesions).canonical_spacing
         vox = np.argwhere(mask)
         centre = np.round(vox.mean(axis=0)).astype(int)
         channel = read_image(next(iter(case.channels.values()))).array
@@ -389,7 +392,9 @@ def overlay_panels(run: RunDir, results: dict[str, MethodResults], cfg: Any, hal
         panels.append({"title": f"{case.case_id} lesion {int(row['id'])}\n{q}th pct, "
                                 f"{float(row['volume_ml']):.2f} mL",
                        "image": np.asarray(channel[xs, y, zs], dtype=np.float32), "gt": mask[xs, y, zs],
-                       "pred": preds, "dice": dices})
+                       "pred": preds, "dice": dices, "case": case.case_id, "id": int(row["id"]),
+                       "volume_ml": float(row["volume_ml"]),
+                       "measured_volume_ml": float(mask.sum()) * float(np.prod(spacing)) / 1000.0})
     return panels
 
 

@@ -116,3 +116,19 @@ def evaluate_pairs(
     summary = summarize(results, summary_settings)
     write_outputs(out_dir, results, summary, overwrite=True)
     return results, summary
+
+
+def read_evaluation_order(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """A volume in the voxel order :func:`sap.evaluate.api.load_pair` uses (and its spacing), so
+    skeleton labels and lesion ids line up with ``lesions.csv``."""
+    from sap.evaluate.api import _read  # sap.evaluate's reader; no public name yet
+
+    return _read(Path(path))
+
+
+def evaluation_to_canonical(array: np.ndarray, path: Path) -> np.ndarray:
+    """Inverse of :func:`read_evaluation_order` for an array on the grid of ``path``: the
+    canonical (RAS+) array :func:`sap.data.io.read_image` would give."""
+    from sap.data.io import read_geometry, to_canonical
+
+    return to_canonical(np.ascontiguousarray(array.T), read_geometry(path))  # evaluate reads (z, y, x)
