@@ -175,6 +175,7 @@ class Slice2DConfig:
     threshold: float = 0.5
     seed: int = 42
     amp: bool = True  #: used only on a GPU
+    augment: bool = True  #: paper 000: affine (p 0.7, ±20°, scale 0.9–1.1) and intensity jitter (p 0.8)
     # zero-shot prompting (paper 001)
     sam_family: str = "sam"  #: sam | medsam (box strategies only)
     component_rule: str = "and"  #: and (authors' code) | or (paper text)

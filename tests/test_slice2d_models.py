@@ -498,3 +498,22 @@ def test_trains_on_a_sap_synth_ct_cohort(tmp_path):
     assert main(["slice2d", "predict", "--model-dir", str(run), "-i", str(case), "-o", str(out), "--gt", str(cohort)]) == 0
     (row,) = list(csv.DictReader((out / "metrics2d.csv").open()))
     assert row["case"] == case.name and 0.0 <= float(row["volume_dice"]) <= 1.0
+
+
+def test_augmentation_moves_image_and_mask_together():
+    from sap.slice2d.train import augment_batch
+
+    _, masks = disc_batch(8)
+    y = torch.as_tensor(np.stack(masks), dtype=torch.float32)[:, None]
+    x = y.clone()  # an image equal to its mask: any misalignment shows
+    ax, ay = augment_batch(x, y, torch.Generator().manual_seed(0), p_affine=1.0, p_intensity=0.0)
+    assert not torch.equal(ay, y)  # moved
+    assert set(torch.unique(ay).tolist()) <= {0.0, 1.0}  # masks stay binary (nearest)
+    for a, b in zip(ax[:, 0] >= 0.5, ay[:, 0] > 0, strict=True):
+        assert dice_iou(a.numpy(), b.numpy())[0] >= 0.95
+    same = augment_batch(x, y, torch.Generator().manual_seed(0), p_affine=1.0, p_intensity=0.0)
+    assert torch.equal(same[0], ax) and torch.equal(same[1], ay)  # seeded
+    ix, iy = augment_batch(x, y, torch.Generator().manual_seed(0), p_affine=0.0, p_intensity=0.0)
+    assert torch.equal(ix, x) and torch.equal(iy, y)
+    jx, jy = augment_batch(x * 0.5 + 0.25, y, torch.Generator().manual_seed(1), p_affine=0.0, p_intensity=1.0)
+    assert torch.equal(jy, y) and not torch.equal(jx, x * 0.5 + 0.25) and jx.min() >= 0 and jx.max() <= 1

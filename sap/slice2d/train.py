@@ -9,7 +9,8 @@ without the pretrained source folder.
 Optimisers: the U-Net uses nnU-Net's SGD (Nesterov momentum 0.99, weight decay 3e-5, polynomial
 decay with exponent 0.9, ``slice2d.unet_lr``); the foundation and SAM models use AdamW
 (``slice2d.lr``, ``slice2d.weight_decay``) with cosine decay, as paper 000 trains them.
-No augmentation is applied (paper 000's affine/elastic/colour augmentation is not implemented yet).
+Augmentation (``slice2d.augment``, :func:`augment_batch`) follows paper 000 without its elastic
+deformation: random rotation ±20° and scaling 0.9–1.1 (p 0.7), brightness/contrast jitter (p 0.8).
 """
 
 from __future__ import annotations
@@ -121,6 +122,44 @@ def to_batch(
     y = torch.stack(
         [F.interpolate(torch.as_tensor(m, dtype=torch.float32)[None, None], size=(size, size), mode="nearest")[0] for m in masks]
     ).to(device)
+    return x, y
+
+
+def augment_batch(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    generator: torch.Generator,
+    p_affine: float = 0.7,
+    max_rotation_deg: float = 20.0,
+    scale_range: tuple[float, float] = (0.9, 1.1),
+    p_intensity: float = 0.8,
+    jitter: float = 0.2,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paper 000's augmentation, per sample: a random rotation and scaling (probability
+    ``p_affine``; image bilinear, mask nearest, the same transform) and brightness/contrast jitter
+    of the image (probability ``p_intensity``), clipped back to [0, 1]. Elastic deformation is not
+    applied. Random numbers come from ``generator`` (CPU), so runs and resumed runs repeat.
+    """
+    b = x.shape[0]
+    rand = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731
+    use_affine = rand(b) < p_affine
+    angle = (rand(b) * 2 - 1) * max_rotation_deg * torch.pi / 180
+    scale = scale_range[0] + rand(b) * (scale_range[1] - scale_range[0])
+    use_intensity = rand(b) < p_intensity
+    gain = 1 + (rand(b) * 2 - 1) * jitter
+    shift = (rand(b) * 2 - 1) * jitter / 2
+    if use_affine.any():
+        cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+        theta = torch.zeros(b, 2, 3)
+        theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
+        theta[~use_affine] = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+        grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        y = F.grid_sample(y, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    if use_intensity.any():
+        g = torch.where(use_intensity, gain, torch.ones(b)).to(x.device, x.dtype).view(b, 1, 1, 1)
+        o = torch.where(use_intensity, shift, torch.zeros(b)).to(x.device, x.dtype).view(b, 1, 1, 1)
+        x = torch.clamp(x * g + o, 0.0, 1.0)
     return x, y
 
 
@@ -267,6 +306,7 @@ def fit(
     kind = spec.kind
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
+    augment_rng = torch.Generator().manual_seed(settings.seed)
     loss_fn = make_loss(kind)
     optimizer, schedule = make_optimizer(kind, model, settings, settings.max_steps)
     scaler = torch.amp.GradScaler("cuda") if settings.amp and device.type == "cuda" else None
@@ -281,6 +321,7 @@ def fit(
             scaler.load_state_dict(resume_state["scaler"])
         rng.bit_generator.state = resume_state["numpy_rng"]
         torch.set_rng_state(resume_state["torch_rng"])
+        augment_rng.set_state(resume_state["augment_rng"])
         order, cursor = np.asarray(resume_state["order"], dtype=np.int64), int(resume_state["cursor"])
         best_dice, best_step = float(resume_state["best_dice"]), int(resume_state["best_step"])
         log_rows = list(resume_state["log"])
@@ -295,6 +336,7 @@ def fit(
             "scaler": scaler.state_dict() if scaler is not None else {},
             "numpy_rng": rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(),
+            "augment_rng": augment_rng.get_state(),
             "order": order.tolist(),
             "cursor": cursor,
             "best_dice": best_dice,
@@ -318,6 +360,8 @@ def fit(
         idx = order[cursor : cursor + settings.batch_size]
         cursor += settings.batch_size
         x, y = to_batch([train.images[i] for i in idx], [train.masks[i] for i in idx], spec.image_size, device)
+        if settings.augment:
+            x, y = augment_batch(x, y, augment_rng)
         loss = training_step(model, loss_fn, optimizer, x, y, scaler)
         schedule.step()
         row: dict[str, Any] = {"step": step, "loss": loss, "val_dice": "", "val_iou": ""}
