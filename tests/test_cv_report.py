@@ -298,3 +298,18 @@ def test_evaluation_order_round_trip(study):
     for path in (case.skeleton, case.lesions):
         array, _ = read_evaluation_order(path)
         assert np.array_equal(evaluation_to_canonical(array, path), read_image(path).array)
+
+
+def test_cv_command_rejects_bad_input_with_one_line(tmp_path, capsys):
+    assert main(["cv", "--config", "tiny", "--out", str(tmp_path / "run")]) == 2
+    assert "no data" in capsys.readouterr().err
+    cohort = tmp_path / "cohort"
+    from tests.cv_fixtures import write_study_cohort
+
+    write_study_cohort(cohort, n_patients=6, n_healthy=1)
+    assert main(["cv", "--config", "tiny", "--data", str(cohort), "--out", str(tmp_path / "run"),
+                 "--folds", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a test fold" in err[0]
+    assert main(["report", "--run", str(tmp_path / "nothing")]) == 2
+    assert "run folder not found" in capsys.readouterr().err

@@ -349,8 +349,8 @@ def run_study(
     ``export``: folder for one ensemble bundle per method.
     """
     chosen = parse_methods(methods, cfg.cv.methods)
+    fold_list = parse_folds(folds, cfg.cv.k)  # before anything is written
     study = Study(cfg, overwrite=overwrite)
-    fold_list = parse_folds(folds, study.splits.k)
     all_folds = fold_list == study.splits.test_folds
     save_config(cfg, study.run.config)
     write_manifest(study.run, cfg, chosen)
