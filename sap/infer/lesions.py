@@ -1,9 +1,9 @@
 """From a probability map to the lesion table a radiologist reads (SPEC §8).
 
 * :func:`lesion_instances`: binarise at the threshold (``prob >= t``, rule E1), label connected
-  components (26-connectivity, :mod:`sap.metrics.components`, so volumes agree with
-  ``sap evaluate``), drop components below ``min_volume_ml`` and number the rest 1…n from the
-  largest to the smallest.
+  components (26-connectivity, cc3d), drop components below ``min_volume_ml`` with E1's
+  ``>= V`` rule (:func:`sap.metrics.components.at_least`, so volumes agree with ``sap evaluate``)
+  and number the rest 1…n from the largest to the smallest.
 * :func:`lesion_table`: one row per lesion: volume (mL), centroid in LPS millimetres (DICOM/ITK
   world coordinates), maximum and mean probability, and the skeletal region when a skeleton is
   given (the majority label among the lesion's voxels; ribs, skull and soft tissue are
@@ -25,7 +25,7 @@ import numpy as np
 
 from sap.data.io import Geometry
 from sap.data.labels import N_SKELETON_CLASSES, OUTSIDE_REGION, SKELETON_CLASSES, region_name
-from sap.metrics.components import drop_small, group_max, label_components
+from sap.metrics.components import at_least
 
 LESION_COLUMNS = (
     "lesion_id",
@@ -55,18 +55,26 @@ def lesion_instances(
     Returns ``(instances, n)``: ``instances`` uint16 (uint32 beyond 65 535 lesions), 0 =
     background, lesions 1…n ordered by decreasing volume (ties: raster order).
     """
-    components = drop_small(
-        label_components(prob >= threshold, connectivity=connectivity, voxel_volume_ml=voxel_volume_ml),
-        min_volume_ml,
+    # cc3d directly (not sap.metrics.label_components, which keeps 8-byte indices of every
+    # foreground voxel): a poor model that marks much of the body must not blow the memory bound.
+    labels, n_raw = cc3d.connected_components(
+        prob >= threshold, connectivity=connectivity, return_N=True, binary_image=True
     )
-    n = components.n
+    counts = np.asarray(cc3d.statistics(labels, no_slice_conversion=True)["voxel_counts"][1:], dtype=np.int64)
+    keep = at_least(counts * voxel_volume_ml, min_volume_ml) if min_volume_ml > 0 else np.ones(n_raw, dtype=bool)
+    kept = np.flatnonzero(keep)
+    n = int(kept.size)
     dtype = np.uint16 if n < np.iinfo(np.uint16).max else np.uint32
-    # kept id (1…n, raster order) → rank by volume (1 = largest); stable keeps raster order for ties
-    order = np.argsort(-components.voxel_counts, kind="stable")
-    rank = np.zeros(n + 1, dtype=dtype)
-    rank[order + 1] = np.arange(1, n + 1, dtype=dtype)
-    lut = rank[components.lut]
-    return lut[components.labels], n
+    # raw id → rank by volume among the kept ones (1 = largest; stable: raster order for ties), 0 = dropped
+    order = kept[np.argsort(-counts[kept], kind="stable")]
+    lut = np.zeros(n_raw + 1, dtype=dtype)
+    lut[order + 1] = np.arange(1, n + 1, dtype=dtype)
+    instances = np.empty(labels.shape, dtype=dtype)
+    # slab by slab: indexing with the whole label array would make a full-size int64 index copy
+    step = max(1, (1 << 22) // max(1, labels.shape[1] * labels.shape[2]))
+    for start in range(0, labels.shape[0], step):
+        instances[start : start + step] = lut[labels[start : start + step]]
+    return instances, n
 
 
 def lesion_table(
@@ -91,16 +99,26 @@ def lesion_table(
     counts = np.asarray(stats["voxel_counts"][1 : n + 1], dtype=np.int64)
     centroids = np.asarray(stats["centroids"][1 : n + 1], dtype=np.float64)
     lps = geometry.voxel_to_lps(centroids)
-    flat = np.flatnonzero(instances)
-    ids = instances.reshape(-1)[flat].astype(np.int64)
-    values = prob.reshape(-1)[flat].astype(np.float64)
-    sums = np.bincount(ids, weights=values, minlength=n + 1)[1:]
-    maxima = group_max(ids, values, n)
-    regions = None
-    if skeleton is not None:
-        labels = skeleton.reshape(-1)[flat].astype(np.int64)
-        votes = np.bincount(ids * N_SKELETON_CLASSES + labels, minlength=(n + 1) * N_SKELETON_CLASSES)
-        regions = votes.reshape(n + 1, N_SKELETON_CLASSES)[1:].argmax(axis=1)
+    sums = np.zeros(n + 1, dtype=np.float64)
+    maxima = np.full(n + 1, -np.inf, dtype=np.float64)
+    votes = np.zeros((n + 1) * N_SKELETON_CLASSES, dtype=np.int64) if skeleton is not None else None
+    # Slab by slab along the first axis, so the per-voxel temporaries (8-byte indices and values)
+    # stay small even when a poor model marks a large part of the body.
+    step = max(1, (1 << 22) // max(1, instances.shape[1] * instances.shape[2]))
+    for start in range(0, instances.shape[0], step):
+        slab = instances[start : start + step].reshape(-1)
+        flat = np.flatnonzero(slab)
+        if flat.size == 0:
+            continue
+        ids = slab[flat].astype(np.intp)
+        values = prob[start : start + step].reshape(-1)[flat].astype(np.float64)
+        sums += np.bincount(ids, weights=values, minlength=n + 1)
+        np.maximum.at(maxima, ids, values)
+        if votes is not None:
+            labels = skeleton[start : start + step].reshape(-1)[flat].astype(np.intp)  # type: ignore[index]
+            votes += np.bincount(ids * N_SKELETON_CLASSES + labels, minlength=votes.size)
+    sums, maxima = sums[1:], maxima[1:]
+    regions = None if votes is None else votes.reshape(n + 1, N_SKELETON_CLASSES)[1:].argmax(axis=1)
     rows = []
     for i in range(n):
         row: dict[str, float | int | str] = {
