@@ -308,10 +308,12 @@ def test_foundation_and_sam_train_from_local_folders_only(ct_cohort, tmp_path):
 
         loaded = load_model_dir(run)  # rebuilt from the stored spec, without the source folder
         assert loaded.spec.kind == kind and loaded.target == "bone"
-    with pytest.raises(SapError, match="config.json"):
-        from sap.slice2d.models import load_hf_model
+    from sap.slice2d.models import load_hf_model
 
+    with pytest.raises(SapError, match="config.json"):
         load_hf_model(tmp_path, "sam")
+    with pytest.raises(SapError, match="missing"):  # DINO weights are no SAM: never a silent random init
+        load_hf_model(dino_dir, "sam")
     assert main(["slice2d", "train", "--config", "tiny", "--data", str(ct_cohort), "--out", str(tmp_path / "x"),
                  "--model", "sam"]) == 2  # fmt: skip
 

@@ -196,18 +196,33 @@ def _check_hf_folder(path: str | Path, what: str) -> Path:
 
 
 def load_hf_model(path: str | Path, what: str) -> nn.Module:
-    """A pretrained ``transformers`` model from a local folder (no network access)."""
+    """A pretrained ``transformers`` model from a local folder (no network access).
+
+    Fails, with the counts, when any weight of the model is missing from the folder or has another
+    shape: ``from_pretrained`` alone would initialise those randomly and only log it.
+    """
     folder = _check_hf_folder(path, what)
     try:
         if what == "sam":
             from transformers import SamModel
 
-            return SamModel.from_pretrained(str(folder), local_files_only=True)
-        from transformers import AutoModel
+            model, info = SamModel.from_pretrained(str(folder), local_files_only=True, output_loading_info=True)
+        else:
+            from transformers import AutoModel
 
-        return AutoModel.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise SapError(f"{folder}: cannot load the {what} weights ({str(exc).splitlines()[0][:160]})") from exc
+            model, info = AutoModel.from_pretrained(str(folder), local_files_only=True, output_loading_info=True)
+    except Exception as exc:  # transformers raises OSError, ValueError, KeyError, AttributeError …
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise SapError(f"{folder}: cannot load the {what} weights ({reason})") from exc
+    missing, mismatched = list(info.get("missing_keys", [])), list(info.get("mismatched_keys", []))
+    if missing or mismatched:
+        raise SapError(
+            f"{folder}: the {what} weights do not fit a {type(model).__name__} (missing {len(missing)}, "
+            f"shape-mismatched {len(mismatched)}, unexpected {len(info.get('unexpected_keys', []))}); wrong folder?"
+        )
+    if what != "sam" and not hasattr(model.config, "patch_size"):
+        raise SapError(f"{folder}: {type(model).__name__} is not a ViT encoder (DINOv3/DINOv2 expected)")
+    return model
 
 
 def hf_config_dict(model: nn.Module) -> dict[str, Any]:
