@@ -10,6 +10,8 @@ from torch import nn
 from sap.errors import SapError
 from sap.models.engine import sliding_window_predict
 
+CPU = "cpu"  # exact comparisons with whole-volume CPU predictions
+
 
 class Pointwise(nn.Module):
     """1×1×1 convolution: every window predicts the same value for a voxel, so any correct
@@ -47,14 +49,14 @@ def test_blending_reproduces_whole_volume_prediction(shape):
     image = rng.normal(size=(2, *shape)).astype(np.float32)
     model = Pointwise()
     whole = _whole(model, image)
-    probs = sliding_window_predict(model, image, (32, 32, 32), output="probabilities", sw_batch_size=3)
+    probs = sliding_window_predict(model, image, (32, 32, 32), output="probabilities", sw_batch_size=3, sw_device=CPU)
     assert probs.shape == (3, *shape) and probs.dtype == np.float32
     np.testing.assert_allclose(probs, whole, atol=1e-5)
     np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)
-    fg = sliding_window_predict(model, image, (32, 32, 32), output="foreground", overlap=0.25)
+    fg = sliding_window_predict(model, image, (32, 32, 32), output="foreground", overlap=0.25, sw_device=CPU)
     assert fg.shape == shape
     np.testing.assert_allclose(fg, whole[1], atol=1e-5)
-    logits = sliding_window_predict(model, image, (32, 32, 32), output="logits")
+    logits = sliding_window_predict(model, image, (32, 32, 32), output="logits", sw_device=CPU)
     with torch.no_grad():
         np.testing.assert_allclose(logits, model(torch.from_numpy(image)[None])[0].numpy(), atol=1e-5)
 
@@ -77,7 +79,7 @@ def test_gaussian_blending_weights_window_centres():
 
     image = np.zeros((1, 32, 32, 48), dtype=np.float32)
     image[0, :, :, :] = np.arange(48, dtype=np.float32)[None, None, :] / 4.0  # ramp along z
-    out = sliding_window_predict(WindowId(), image, (32, 32, 32), output="logits", overlap=0.5, sw_batch_size=1)
+    out = sliding_window_predict(WindowId(), image, (32, 32, 32), output="logits", overlap=0.5, sw_batch_size=1, sw_device=CPU)
     profile = out[1, 16, 16, :]
     # first window starts at z=0 (value 0), second at z=16 (value 4): monotone blend in between
     assert profile[0] == pytest.approx(0.0, abs=1e-5) and profile[-1] == pytest.approx(4.0, abs=1e-5)
@@ -89,8 +91,8 @@ def test_tta_averages_mirrored_predictions():
     rng = np.random.default_rng(1)
     image = rng.normal(size=(2, 32, 32, 32)).astype(np.float32)
     model = Lopsided()
-    plain = sliding_window_predict(model, image, (32, 32, 32))
-    tta = sliding_window_predict(model, image, (32, 32, 32), tta=True)
+    plain = sliding_window_predict(model, image, (32, 32, 32), sw_device=CPU)
+    tta = sliding_window_predict(model, image, (32, 32, 32), tta=True, sw_device=CPU)
     x = torch.from_numpy(image)[None]
     expected = []
     with torch.no_grad():
@@ -99,7 +101,7 @@ def test_tta_averages_mirrored_predictions():
             expected.append((torch.flip(y, flips) if flips else y)[0, 1].numpy())
     np.testing.assert_allclose(tta, np.mean(expected, 0), atol=1e-5)
     assert not np.allclose(tta, plain, atol=1e-4)
-    one_axis = sliding_window_predict(model, image, (32, 32, 32), tta=[(), (4,)])
+    one_axis = sliding_window_predict(model, image, (32, 32, 32), tta=[(), (4,)], sw_device=CPU)
     np.testing.assert_allclose(one_axis, (expected[0] + expected[3]) / 2, atol=1e-5)
 
 
@@ -108,13 +110,13 @@ def test_memory_mapped_input_and_training_mode_restored(tmp_path):
     np.save(tmp_path / "img.npy", image)
     mapped = np.load(tmp_path / "img.npy", mmap_mode="r")
     model = Pointwise().train()
-    out = sliding_window_predict(model, mapped, (32, 32, 32))
+    out = sliding_window_predict(model, mapped, (32, 32, 32), sw_device=CPU)
     assert model.training
     np.testing.assert_allclose(out, _whole(model, image)[1], atol=1e-5)
     with pytest.raises(SapError, match="C, X, Y, Z"):
-        sliding_window_predict(model, image[0], (32, 32, 32))
+        sliding_window_predict(model, image[0], (32, 32, 32), sw_device=CPU)
     with pytest.raises(SapError, match="output"):
-        sliding_window_predict(model, image, (32, 32, 32), output="argmax")
+        sliding_window_predict(model, image, (32, 32, 32), output="argmax", sw_device=CPU)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -124,3 +126,17 @@ def test_network_on_gpu_output_on_cpu():
     out = sliding_window_predict(model, image, (32, 32, 32), sw_device="cuda", amp=True)
     assert isinstance(out, np.ndarray)
     np.testing.assert_allclose(out, _whole(model.cpu(), image)[1], atol=2e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_swin_unetr_amp_on_gpu_matches_cpu_float32():
+    from sap.config import load_config
+    from sap.models.swin import build_swin_unetr
+
+    torch.manual_seed(0)
+    model = build_swin_unetr(load_config("tiny").model, 2, 2)
+    image = np.random.default_rng(4).random((2, 40, 36, 70)).astype(np.float32)
+    cpu = sliding_window_predict(model, image, (32, 32, 64), sw_device=CPU, tta=[(), (2,)])
+    gpu = sliding_window_predict(model, image, (32, 32, 64), sw_device="cuda", amp=True, tta=[(), (2,)])
+    assert gpu.shape == cpu.shape == image.shape[1:]
+    np.testing.assert_allclose(gpu, cpu, atol=2e-2)

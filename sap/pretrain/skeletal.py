@@ -26,6 +26,7 @@ from sap.models.training import (
     LoopState,
     RunLogger,
     every,
+    keep_freed_memory,
     make_accelerator,
     restore_training_state,
     train_loop,
@@ -98,6 +99,8 @@ def train_skeletal(
     started = time.perf_counter()
     out = stage_dir(cfg, STAGE)
     accelerator = make_accelerator(cfg.pretrain.amp)
+    if accelerator.device.type == "cpu":
+        keep_freed_memory()
     main = accelerator.is_main_process
     if main:
         prepare_out_dir(out, resume, overwrite)
@@ -195,6 +198,7 @@ def train_skeletal(
             logger=logger,
             desc="pretrain skeletal",
             stop_after=stop_after,
+            progress=progress,
         )
     finally:
         logger.close()

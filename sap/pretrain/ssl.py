@@ -27,6 +27,7 @@ from sap.models.training import (
     LoopState,
     RunLogger,
     every,
+    keep_freed_memory,
     make_accelerator,
     restore_training_state,
     train_loop,
@@ -63,7 +64,7 @@ def build_ssl_model(cfg: Config, in_channels: int) -> SSLModel:
 
 def body_sampler(cases: list[Any], cfg: Config, batch_size: int, world_size: int, seed: int) -> ClassBalancedSampler:
     """Crops centred on random body voxels (class-balanced over the body mask's one class)."""
-    wrapped = [SamplingCase.from_cached(case, label_map="body", index_path=None) for case in cases]
+    wrapped = [SamplingCase.from_cached(case, label_map="body") for case in cases]
     return ClassBalancedSampler(
         wrapped, cfg.model.patch_size, seed=seed, batch_size=batch_size, world_size=world_size, include_background=False
     )
@@ -115,6 +116,8 @@ def train_ssl(
     started = time.perf_counter()
     out = stage_dir(cfg, STAGE)
     accelerator = make_accelerator(cfg.pretrain.amp)
+    if accelerator.device.type == "cpu":
+        keep_freed_memory()
     main = accelerator.is_main_process
     if main:
         prepare_out_dir(out, resume, overwrite)
@@ -146,7 +149,8 @@ def train_ssl(
         out, ["lr", *LOSS_NAMES, *[f"val_{k}" for k in LOSS_NAMES]], resume_step=loop.step if resume else None, enabled=main
     )
     device = accelerator.device
-    val_batches = validation_batches(data.val, cfg) if main else []
+    # one fixed batch per validation exam, at most four: stable numbers without a long pause
+    val_batches = validation_batches(data.val, cfg, n_batches=min(4, len(data.val))) if main else []
     stream = batch_stream(sampler, cursor, rank=accelerator.process_index, num_workers=cfg.pretrain.num_workers)
 
     def draw_batch() -> Any:
@@ -205,6 +209,7 @@ def train_ssl(
             logger=logger,
             desc="pretrain ssl",
             stop_after=stop_after,
+            progress=progress,
         )
     finally:
         logger.close()
