@@ -68,6 +68,7 @@ class SSLConfig:
     mask_ratio: float = 0.3  #: at most this fraction of a crop is dropped
     mask_block_fraction: float = 0.25  #: a block spans at most this fraction of each axis
     crops_per_batch: int = 2  #: crops per batch; each gives two views
+    max_steps: int | None = None  #: SSL length in optimiser steps; None = pretrain.max_steps
 
 
 @dataclass

@@ -217,7 +217,8 @@ def test_block_mask_respects_limits(seed):
 
 
 def test_ssl_run_resume_and_encoder_loads_for_init_ssl(cohort, tmp_path):
-    sets = {"pretrain.ssl.crops_per_batch": 2}
+    # pretrain.ssl.max_steps sets the SSL length when given (the demo preset keeps SSL short)
+    sets = {"pretrain.ssl.crops_per_batch": 2, "pretrain.max_steps": 50, "pretrain.ssl.max_steps": 3}
     full = run_pretrain(_cfg(cohort, tmp_path / "full", **sets), "ssl", progress=False)
     assert full.steps == 3 and np.isfinite(full.final_metrics["val_loss"])
     best = load_checkpoint(full.best)

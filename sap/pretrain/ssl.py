@@ -1,6 +1,7 @@
 """``sap pretrain --stage ssl``: the self-supervised baseline of Tang et al. 2022 (SPEC §6).
 
-Same healthy exams as the skeletal stage, labels unused. Each step takes
+Same healthy exams as the skeletal stage, labels unused; ``pretrain.ssl.max_steps`` (default:
+``pretrain.max_steps``) optimiser steps. Each step takes
 ``max(pretrain.ssl.crops_per_batch, pretrain.batch_size)`` (at least two) crops centred on body
 voxels, makes two rotated, block-masked views of each (:func:`sap.models.ssl.make_ssl_batch`) and
 sums inpainting L1, rotation cross-entropy and the in-batch contrastive loss. Validation computes
@@ -50,6 +51,11 @@ from sap.sampling.torch_data import batch_stream
 STAGE = "ssl"
 LOSS_NAMES = ("loss", "loss_reconstruction", "loss_rotation", "loss_contrastive")
 VAL_SEED = 20220607  #: fixed views for validation, independent of the training stream
+
+
+def ssl_steps(cfg: Config) -> int:
+    """Length of the SSL stage: ``pretrain.ssl.max_steps`` when set, else ``pretrain.max_steps``."""
+    return cfg.pretrain.ssl.max_steps or cfg.pretrain.max_steps
 
 
 def crops_per_batch(cfg: Config) -> int:
@@ -130,7 +136,7 @@ def train_ssl(
 
     model = build_ssl_model(cfg, in_channels)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain.lr, weight_decay=cfg.pretrain.weight_decay)
-    scheduler = warmup_cosine_schedule(optimizer, cfg.pretrain.max_steps, cfg.pretrain.warmup_fraction)
+    scheduler = warmup_cosine_schedule(optimizer, ssl_steps(cfg), cfg.pretrain.warmup_fraction)
     sampler = body_sampler(data.train, cfg, batch_size, accelerator.num_processes, cfg.pretrain.seed)
     cursor = EpochCursor()
     loop = LoopState()
@@ -204,7 +210,7 @@ def train_ssl(
             scheduler=scheduler,
             accelerator=accelerator,
             loop=loop,
-            max_steps=cfg.pretrain.max_steps,
+            max_steps=ssl_steps(cfg),
             callbacks=[every(cfg.pretrain.val_every_steps, validate)],
             logger=logger,
             desc="pretrain ssl",
