@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,6 +182,7 @@ def prepare_out_dir(folder: Path, resume: bool, overwrite: bool) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name in existing:
         (folder / name).unlink()
+    shutil.rmtree(folder / "tensorboard", ignore_errors=True)  # no events of the replaced run
 
 
 @dataclass
