@@ -501,3 +501,36 @@ def test_command_bad_model_and_options(tmp_path, tiny_model_file, capsys):
         assert rc == 2, (extra, err)
         assert message in err and err.count("\n") == 1, (extra, err)
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("c1*"))
+
+
+def test_skeleton_on_another_grid_fails_that_case_only(tmp_path):
+    case, skeleton = _region_case(tmp_path)
+    other = tmp_path / "in" / "p2"
+    other.mkdir()
+    (other / "CT.nii.gz").write_bytes((case / "CT.nii.gz").read_bytes())
+    write_sitk(skeleton, other / "skeleton.nii.gz", (3.0, 2.0, 2.0), (0, 0, 0), "RAS")  # other spacing
+    report = run_inference(tmp_path / "in", tmp_path / "out", raw_model(["CT"], [10.0], -5.0), opts(),
+                           skeleton=tmp_path / "in")
+    assert [r.case_id for r in report.failed] == ["p2"]
+    assert "different grids" in report.failed[0].error and "spacing" in report.failed[0].error
+    assert (tmp_path / "out" / "p1_regions.csv").is_file() and not list((tmp_path / "out").glob("p2*"))
+    with pytest.raises(SapError, match="one skeleton file for 2 cases"):
+        run_inference(tmp_path / "in", tmp_path / "o2", raw_model(["CT"], [10.0], -5.0), opts(),
+                      skeleton=case / "skeleton.nii.gz")
+
+
+def test_module_help_is_light_and_lists_every_option():
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys, sap.infer.cli; print('torch' in sys.modules)"],
+        capture_output=True, text=True, check=True,
+    )
+    assert result.stdout.strip() == "False"  # the CLI module does not import torch
+    result = subprocess.run([sys.executable, "-m", "sap.infer", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    for option in ("--model", "--threshold", "--min-volume-ml", "--skeletal-model", "--skeleton", "--tta",
+                   "--overlap", "--sw-batch-size", "--amp", "--device", "--dicom-seg", "--overwrite"):
+        assert option in result.stdout
+    assert "(default: None)" not in result.stdout

@@ -389,6 +389,8 @@ def infer_case(
     case_id = item.case_id
     regions = item.skeleton is not None or skeletal is not None
     dicom_seg = options.dicom_seg and item.dicom_series is not None
+    if options.dicom_seg and not dicom_seg:
+        print(f"sap infer: note: {case_id} is not a DICOM series input; no DICOM SEG written", file=sys.stderr)
     names = output_names(case_id, regions, dicom_seg)
     _refuse_existing(out, names, options.overwrite)
     settings = _settings(model, options)
