@@ -7,10 +7,12 @@ travel back.
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
+import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -169,27 +171,33 @@ def _read(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
 def load_pair(pair: CasePair) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
     """(prediction, ground truth, spacing in mm) of one case; spacing from the ground-truth header.
 
-    Arrays are in the files' own voxel order (see :func:`_read`); both files share one grid.
+    Arrays are in the files' own voxel order (see :func:`_read`); both files share one grid. The
+    two files are decoded concurrently (zlib releases the GIL while inflating).
     """
-    gt, spacing = _read(pair.gt)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        gt_future = pool.submit(_read, pair.gt)
+        pred = _read(pair.pred)[0] if pair.pred is not None else None
+        gt, spacing = gt_future.result()
     gt = _check_gt(gt, pair.gt)
-    if pair.pred is None:
+    if pred is None:
         return np.zeros(gt.shape, dtype=np.float32), gt, spacing
-    pred, _ = _read(pair.pred)
     if pred.shape != gt.shape:
         raise SapError(f"{pair.pred}: shape {pred.shape} differs from {pair.gt} {gt.shape}")
     return _check_pred(pred, pair.pred), gt, spacing
 
 
-def _evaluate_one(pair: CasePair, settings: EvaluationSettings) -> CaseResult:
-    pred, gt, spacing = load_pair(pair)
+Arrays = tuple[np.ndarray, np.ndarray, tuple[float, float, float]]
+
+
+def _evaluate_one(pair: CasePair, settings: EvaluationSettings, arrays: Arrays | None = None) -> CaseResult:
+    pred, gt, spacing = arrays if arrays is not None else load_pair(pair)
     return evaluate_case(pred, gt, spacing, settings, case_id=pair.case_id)
 
 
 def _tuning_counts(
-    pair: CasePair, settings: EvaluationSettings, min_volumes: tuple[float, ...]
+    pair: CasePair, settings: EvaluationSettings, min_volumes: tuple[float, ...], arrays: Arrays | None = None
 ) -> dict[tuple[float, float], DetectionCounts] | None:
-    pred, gt, spacing = load_pair(pair)
+    pred, gt, spacing = arrays if arrays is not None else load_pair(pair)
     if is_binary_prediction(pred):
         return None
     gt_c = label_ground_truth(gt, spacing, settings.connectivity)
@@ -207,9 +215,15 @@ def _run_parallel(
     bar = tqdm(total=len(pairs), desc=desc, unit="case", disable=not progress, file=sys.stderr)
     try:
         if workers <= 1 or len(pairs) <= 1:
-            for pair in pairs:
-                results[pair.case_id] = func(pair, *args)
-                bar.update()
+            # One process: a reader thread decodes the next case while this one is evaluated.
+            with ThreadPoolExecutor(max_workers=1) as reader:
+                upcoming = reader.submit(load_pair, pairs[0]) if pairs else None
+                for i, pair in enumerate(pairs):
+                    arrays = upcoming.result()  # type: ignore[union-attr]
+                    upcoming = reader.submit(load_pair, pairs[i + 1]) if i + 1 < len(pairs) else None
+                    results[pair.case_id] = func(pair, *args, arrays=arrays)
+                    del arrays
+                    bar.update()
         else:
             with ProcessPoolExecutor(max_workers=min(workers, len(pairs))) as pool:
                 futures = {pool.submit(func, pair, *args): pair.case_id for pair in pairs}
@@ -252,6 +266,9 @@ def evaluate_folders(
     minimum volume) on those cases; the other cases are then evaluated at it.
     """
     settings = settings or EvaluationSettings()
+    # scipy.stats (Shapiro–Wilk in the summary) and pandas (the CSV writer) take seconds to import:
+    # import them in the background while the first volumes decode.
+    threading.Thread(target=_warm_imports, daemon=True).start()
     warn = warn or (lambda msg: print(f"sap evaluate: warning: {msg}", file=sys.stderr))
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
@@ -295,6 +312,11 @@ def evaluate_folders(
     if out is not None:
         write_outputs(out, ordered, summary, overwrite)
     return summary
+
+
+def _warm_imports() -> None:
+    for name in ("scipy.stats", "pandas"):
+        importlib.import_module(name)
 
 
 def write_outputs(out: Path, results: Sequence[CaseResult], summary: dict[str, Any], overwrite: bool) -> None:
