@@ -30,7 +30,13 @@ def run_demo(out: str | Path = "sap-demo", seed: int = 0, overrides: list[str] |
     t0 = time.perf_counter()
     if not (cohort / "cohort.json").is_file():
         if progress:
-            print("sap demo [1/…] synth: demo cohort (9 patients, 6 healthy scans) | then: pretraining, "
+            from sap.cv.rundir import PRETRAIN_OF, parse_methods
+
+            chosen = parse_methods(None, cfg.cv.methods)
+            # the steps plan_tasks builds: pretraining, 2 per fold, finalize, t-SNE, report, export
+            stages = (len({PRETRAIN_OF[m] for m in chosen} - {None}) + len(chosen) * (2 * (cfg.cv.k - 1) + 2)
+                      + int("ssl" in chosen and "sap" in chosen) + 1)
+            print(f"sap demo [1/{stages + 1}] synth: demo cohort (9 patients, 6 healthy scans) | then: pretraining, "
                   "fine-tuning, prediction, evaluation, report", file=sys.stderr, flush=True)
         from sap.data.synth import make_cohort
 

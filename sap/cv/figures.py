@@ -212,13 +212,14 @@ def overlay_figure(panels: Sequence[dict], methods: Sequence[str], path: Path) -
         for c in range(ncols):
             ax = axes[r, c]
             ax.imshow(img.T, cmap="gray", origin="lower", vmin=lo, vmax=hi, interpolation="nearest")
-            if panel["gt"].any():
-                ax.contour(panel["gt"].T.astype(float), levels=[0.5], colors=["yellow"], linewidths=1.2)
             if c > 0:
                 m = methods[c - 1]
                 pred = panel["pred"].get(m)
                 if pred is not None and pred.any():
-                    ax.contour(pred.T.astype(float), levels=[0.5], colors=[COLORS[m]], linewidths=1.2)
+                    ax.contour(pred.T.astype(float), levels=[0.5], colors=[COLORS[m]], linewidths=1.8)
+            if panel["gt"].any():  # dashed on top, so a perfect prediction still shows both
+                ax.contour(panel["gt"].T.astype(float), levels=[0.5], colors=["yellow"], linewidths=1.0,
+                           linestyles="dashed")
                 dice = panel.get("dice", {}).get(m)
                 ax.set_title(f"{LABELS[m]}" + (f" Dice {dice:.2f}" if dice is not None else ""), fontsize=8)
             else:
@@ -226,7 +227,7 @@ def overlay_figure(panels: Sequence[dict], methods: Sequence[str], path: Path) -
             ax.set_xticks([])
             ax.set_yticks([])
     fig.suptitle("Coronal slices through lesions at the 25th/50th/75th percentile of lesion Dice "
-                 "(yellow: ground truth)", fontsize=9)
+                 "(yellow dashed: ground truth)", fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
 
