@@ -80,7 +80,7 @@ def make_fake_study(root: Path, methods=("baseline", "sap"), threshold_mode: str
                 prob = fabricate_probability(gt.array, method, seed=1000 * mi + 100 * fold + ci)
                 out.mkdir(parents=True, exist_ok=True)
                 write_image(prob, gt.geometry, out / f"{case_id}_prob.nii.gz", overwrite=True)
-            mark_done(study.run.fold(method, fold), "predict", study.fold_hash, 0.0)
+            mark_done(study.run.fold(method, fold), "predict", study.fold_hashes[method], 0.0)
     from sap.config import save_config
 
     save_config(cfg, study.run.config)

@@ -17,7 +17,7 @@ import pytest
 
 from sap.cli import main
 from sap.cv.report import build_report
-from sap.cv.rundir import mark_done, parse_folds, parse_methods, settings_hash, step_done
+from sap.cv.rundir import mark_done, parse_folds, parse_methods, step_done
 from sap.errors import SapError
 from tests.cv_fixtures import fabricate_features, fabricate_skeletal_log, make_fake_study
 
@@ -206,16 +206,25 @@ def test_step_markers_reuse_refuse_and_overwrite(tmp_path):
     assert not (tmp_path / "finetune.done.json").exists()
 
 
-def test_settings_hash_ignores_paths_and_unrelated_sections():
+def test_step_hashes_ignore_paths_and_unrelated_settings():
     from sap.config import load_config
-    from sap.cv.rundir import FOLD_SECTIONS
+    from sap.cv.rundir import fold_hash, pretrain_hash
 
     a = load_config("tiny")
     b = load_config("tiny", ["cv.threshold=per_fold", "evaluate.n_bootstrap=10", "cv.methods=[sap]"])
     b.data.root, b.out = "/elsewhere", "/run2"
-    assert settings_hash(a, FOLD_SECTIONS) == settings_hash(b, FOLD_SECTIONS)
-    c = load_config("tiny", ["finetune.max_steps=4"])
-    assert settings_hash(a, FOLD_SECTIONS) != settings_hash(c, FOLD_SECTIONS)
+    for method in ("baseline", "ssl", "sap"):
+        assert fold_hash(a, method) == fold_hash(b, method)
+    steps = load_config("tiny", ["finetune.max_steps=4"])
+    assert all(fold_hash(a, m) != fold_hash(steps, m) for m in ("baseline", "ssl", "sap"))
+    # SSL options change the SSL pretraining and the ssl folds only
+    ssl = load_config("tiny", ["pretrain.ssl.temperature=0.2"])
+    assert pretrain_hash(a, "skeletal") == pretrain_hash(ssl, "skeletal")
+    assert pretrain_hash(a, "ssl") != pretrain_hash(ssl, "ssl")
+    assert fold_hash(a, "sap") == fold_hash(ssl, "sap") and fold_hash(a, "baseline") == fold_hash(ssl, "baseline")
+    assert fold_hash(a, "ssl") != fold_hash(ssl, "ssl")
+    lr = load_config("tiny", ["pretrain.lr=0.5"])
+    assert fold_hash(a, "baseline") == fold_hash(lr, "baseline") and fold_hash(a, "sap") != fold_hash(lr, "sap")
 
 
 def test_method_and_fold_parsing():

@@ -16,7 +16,7 @@ from sap.cv.progress import Progress
 
 
 def run_demo(out: str | Path = "sap-demo", seed: int = 0, overrides: list[str] | None = None,
-             progress: bool = True) -> Path:
+             progress: bool = True, overwrite: bool = False) -> Path:
     """Write ``OUT/cohort`` (synthetic, demo preset), ``OUT/run`` (study + report) and
     ``OUT/models`` (one ensemble bundle per method); returns ``OUT``."""
     from sap.cv.study import run_study
@@ -42,7 +42,7 @@ def run_demo(out: str | Path = "sap-demo", seed: int = 0, overrides: list[str] |
 
         make_cohort(cohort, preset="demo", modality=cfg.data.modality, seed=seed, overwrite=True,
                     progress=progress)
-    run_study(cfg, export=out / "models", progress=runner)
+    run_study(cfg, export=out / "models", progress=runner, overwrite=overwrite)
     if progress:
         print(f"sap demo: finished in {(time.perf_counter() - t0) / 60:.1f} min", file=sys.stderr)
     return out

@@ -13,12 +13,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic cohort")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of the demo config, e.g. --set finetune.max_steps=20 (repeatable)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="redo steps whose stored results come from another config; without it they are refused")
     parser.add_argument("--no-progress", action="store_true", help="hide the stage display")
 
 
 def run(args: argparse.Namespace) -> int:
     from sap.cv.demo import run_demo
 
-    out = run_demo(args.out, seed=args.seed, overrides=args.overrides, progress=not args.no_progress)
+    out = run_demo(args.out, seed=args.seed, overrides=args.overrides, progress=not args.no_progress,
+                   overwrite=args.overwrite)
     print(f"sap demo: report in {out / 'run' / 'report' / 'report.md'}")
     return 0

@@ -90,14 +90,14 @@ def encoder_patch_features(model: Any, cached: list[Any], patches: list, patch: 
 
 def compute_features(study: Any, max_patches: int = MAX_PATCHES) -> dict[str, Path]:
     """Write ``RUN/features/{ssl,sap}.npz`` once per config (skipped when already there)."""
-    from sap.cv.rundir import PRETRAIN_SECTIONS, settings_hash
+    from sap.cv.rundir import pretrain_hash
     from sap.data.cache import load_cached
     from sap.models.swin import build_swin_unetr
     from sap.models.weights import load_weights
 
     cfg = study.cfg
     folder = study.run.features
-    config_hash = settings_hash(cfg, PRETRAIN_SECTIONS)
+    config_hash = pretrain_hash(cfg, "ssl") + pretrain_hash(cfg, "skeletal")
     marker = read_marker(folder, "features")
     paths = {m: folder / f"{m}.npz" for m in ENCODERS}
     if marker is not None and marker.get("config_hash") == config_hash and all(p.is_file() for p in paths.values()):

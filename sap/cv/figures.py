@@ -220,8 +220,10 @@ def overlay_figure(panels: Sequence[dict], methods: Sequence[str], path: Path) -
             if panel["gt"].any():  # dashed on top, so a perfect prediction still shows both
                 ax.contour(panel["gt"].T.astype(float), levels=[0.5], colors=["yellow"], linewidths=1.0,
                            linestyles="dashed")
-                dice = panel.get("dice", {}).get(m)
-                ax.set_title(f"{LABELS[m]}" + (f" Dice {dice:.2f}" if dice is not None else ""), fontsize=8)
+            if c > 0:
+                dice = panel.get("dice", {}).get(methods[c - 1])
+                ax.set_title(f"{LABELS[methods[c - 1]]}" + (f" Dice {dice:.2f}" if dice is not None else ""),
+                             fontsize=8)
             else:
                 ax.set_title(panel["title"], fontsize=8)
             ax.set_xticks([])

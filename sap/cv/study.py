@@ -24,16 +24,16 @@ from sap.config import Config, save_config
 from sap.cv import stages
 from sap.cv.progress import Progress, Task
 from sap.cv.rundir import (
-    FOLD_SECTIONS,
     INIT_OF,
     PRETRAIN_OF,
-    PRETRAIN_SECTIONS,
     STUDY_SECTIONS,
     RunDir,
     clear_folder,
+    fold_hash,
     mark_done,
     parse_folds,
     parse_methods,
+    pretrain_hash,
     read_marker,
     settings_hash,
     step_done,
@@ -78,8 +78,8 @@ class Study:
         self.cfg = cfg
         self.run = RunDir(Path(cfg.out))
         self.overwrite = overwrite
-        self.fold_hash = settings_hash(cfg, FOLD_SECTIONS)
-        self.pretrain_hash = settings_hash(cfg, PRETRAIN_SECTIONS)
+        self.fold_hashes = {m: fold_hash(cfg, m) for m in ("baseline", "ssl", "sap")}
+        self.pretrain_hashes = {s: pretrain_hash(cfg, s) for s in ("skeletal", "ssl")}
         self.study_hash = settings_hash(cfg, STUDY_SECTIONS)
         self.cohort: Cohort = discover_cohort(cfg.data, require=("patients",))
         self.cases: dict[str, Case] = {c.case_id: c for c in self.cohort.patients}
@@ -97,14 +97,15 @@ class Study:
 
     def pretrain(self, stage: str) -> Path:
         folder = self.run.pretrain(stage)
-        if self._done(folder, "pretrain"):
+        if self._done(folder, "pretrain", config_hash=self.pretrain_hashes[stage]):
             return self.pretrained_checkpoint(stage)
         t0 = time.perf_counter()
         resume = (folder / "last.pt").is_file()
         checkpoint = stages.pretrain(self.cfg, stage, self.run.root, resume=resume)
         if not Path(checkpoint).is_file():
             checkpoint = self.pretrained_checkpoint(stage)
-        mark_done(folder, "pretrain", self.pretrain_hash, time.perf_counter() - t0, checkpoint=str(checkpoint))
+        mark_done(folder, "pretrain", self.pretrain_hashes[stage], time.perf_counter() - t0,
+                  checkpoint=str(checkpoint))
         return Path(checkpoint)
 
     # -------------------------------------------------------------- one fold
@@ -113,7 +114,7 @@ class Study:
 
     def finetune(self, method: str, fold: int) -> Path:
         folder = self.run.fold(method, fold)
-        if self._done(folder, "finetune", clear=True, method=method, fold=fold):
+        if self._done(folder, "finetune", self.fold_hashes[method], clear=True, method=method, fold=fold):
             return self.fold_checkpoint(method, fold)
         stage = PRETRAIN_OF[method]
         pretrained = self.pretrained_checkpoint(stage) if stage else None
@@ -126,14 +127,15 @@ class Study:
         checkpoint = self.fold_checkpoint(method, fold)
         if not checkpoint.is_file():
             raise SapError(f"{checkpoint}: fine-tuning of {method} fold {fold} finished without this checkpoint")
-        mark_done(folder, "finetune", self.fold_hash, time.perf_counter() - t0, checkpoint=str(checkpoint))
+        mark_done(folder, "finetune", self.fold_hashes[method], time.perf_counter() - t0,
+                  checkpoint=str(checkpoint))
         return checkpoint
 
     def predict(self, method: str, fold: int) -> None:
         """Probability maps of the tuning fold (into the fold folder) and of the test fold (into
         ``RUN/{method}/predictions``). Files already written are kept (writes are atomic)."""
         folder = self.run.fold(method, fold)
-        if self._done(folder, "predict"):
+        if self._done(folder, "predict", self.fold_hashes[method]):
             return
         t0 = time.perf_counter()
         jobs = [(c, self.run.tuning_predictions(method, fold)) for c in self.splits.tuning_cases()]
@@ -148,12 +150,11 @@ class Study:
                 out.mkdir(parents=True, exist_ok=True)
                 write_image(np.asarray(prob, dtype=np.float32), geometry, out / f"{case_id}_prob.nii.gz",
                             overwrite=True)
-        mark_done(folder, "predict", self.fold_hash, time.perf_counter() - t0,
+        mark_done(folder, "predict", self.fold_hashes[method], time.perf_counter() - t0,
                   tuning_cases=self.splits.tuning_cases(), test_cases=self.splits.test_cases(fold))
 
-    def _done(self, folder: Path, step: str, clear: bool = False, method: str | None = None,
+    def _done(self, folder: Path, step: str, config_hash: str, clear: bool = False, method: str | None = None,
               fold: int | None = None) -> bool:
-        config_hash = self.pretrain_hash if step == "pretrain" else self.fold_hash
         marker = read_marker(folder, step)
         if marker is not None and marker.get("config_hash") != config_hash and self.overwrite and clear:
             # Results of another config: the whole fold is redone, test predictions included.
@@ -170,7 +171,7 @@ class Study:
         done = []
         for fold in self.splits.test_folds:
             marker = read_marker(self.run.fold(method, fold), "predict")
-            if marker is not None and marker.get("config_hash") == self.fold_hash:
+            if marker is not None and marker.get("config_hash") == self.fold_hashes[method]:
                 done.append(fold)
         return done
 
