@@ -90,16 +90,18 @@ def icc_a1(gt: Sequence[float] | np.ndarray, pred: Sequence[float] | np.ndarray)
     icc = (ms_r - ms_e) / (ms_r + (k - 1) * ms_e + k * (ms_c - ms_e) / n)
     if ms_e <= 0:  # perfect agreement up to rounding: no F distribution to invert
         return float(icc), [float(icc), float(icc)]
-    # McGraw & Wong (1996), case 2A: approximate degrees of freedom of the denominator.
-    f_j = ms_c / ms_e
-    v_num = (k - 1) * (n - 1) * (k * icc * f_j + n * (1 + (k - 1) * icc) - k * icc) ** 2
-    v_den = (n - 1) * k**2 * icc**2 * f_j**2 + (n * (1 + (k - 1) * icc) - k * icc) ** 2
-    v = v_num / v_den
-    stats = _scipy_stats()
-    f_lo = stats.f.ppf(0.975, n - 1, v)
-    f_hi = stats.f.ppf(0.975, v, n - 1)
-    lower = n * (ms_r - f_lo * ms_e) / (f_lo * (k * ms_c + (k * n - k - n) * ms_e) + n * ms_r)
-    upper = n * (f_hi * ms_r - ms_e) / (k * ms_c + (k * n - k - n) * ms_e + n * f_hi * ms_r)
+    # McGraw & Wong (1996), case 2A: approximate degrees of freedom of the denominator. Strongly
+    # negative ICCs can give v <= 0, where the F quantiles (and so the CI) are undefined: NaN.
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f_j = ms_c / ms_e
+        v_num = (k - 1) * (n - 1) * (k * icc * f_j + n * (1 + (k - 1) * icc) - k * icc) ** 2
+        v_den = (n - 1) * k**2 * icc**2 * f_j**2 + (n * (1 + (k - 1) * icc) - k * icc) ** 2
+        v = v_num / v_den
+        stats = _scipy_stats()
+        f_lo = stats.f.ppf(0.975, n - 1, v)
+        f_hi = stats.f.ppf(0.975, v, n - 1)
+        lower = n * (ms_r - f_lo * ms_e) / (f_lo * (k * ms_c + (k * n - k - n) * ms_e) + n * ms_r)
+        upper = n * (f_hi * ms_r - ms_e) / (k * ms_c + (k * n - k - n) * ms_e + n * f_hi * ms_r)
     return float(icc), [float(lower), float(upper)]
 
 
