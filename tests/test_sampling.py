@@ -19,6 +19,7 @@ from sap.sampling import (
     PosNegSampler,
     SamplingCase,
     build_case_index,
+    build_sampler,
     read_patch,
 )
 
@@ -306,3 +307,12 @@ def test_index_errors_name_the_case(tmp_path):
     bad.write_bytes(b"not an npz")
     with pytest.raises(SapError, match="bad.npz"):
         CaseIndex.load(bad)
+
+
+def test_build_sampler_names_the_config_choices(cases):
+    assert isinstance(build_sampler("instance", cases, PATCH), InstanceBalancedSampler)
+    posneg = build_sampler("posneg", cases, PATCH, neg_ratio=2.0, batch_size=2, world_size=2)
+    assert isinstance(posneg, PosNegSampler) and posneg.neg_ratio == 2.0
+    assert len(posneg.plan(0)) % 4 == 0
+    with pytest.raises(SapError, match="instance or posneg"):
+        build_sampler("uniform", cases, PATCH)
