@@ -268,13 +268,16 @@ def evaluate_folders(
     settings = settings or EvaluationSettings()
     # scipy.stats (Shapiro–Wilk in the summary) and pandas (the CSV writer) take seconds to import:
     # import them in the background while the first volumes decode.
-    threading.Thread(target=_warm_imports, daemon=True).start()
+    warm = threading.Thread(target=_warm_imports, daemon=True)
+    warm.start()
     warn = warn or (lambda msg: print(f"sap evaluate: warning: {msg}", file=sys.stderr))
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         for name in OUTPUT_FILES:
             check_writable(out / name, overwrite)
     pairs = find_case_pairs(Path(pred_dir), Path(gt_dir), allow_missing)
+    if workers > 1:
+        warm.join()  # never fork worker processes while another thread may hold the import lock
 
     tuning: dict[str, Any] | None = None
     if tune_on:
