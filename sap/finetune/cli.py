@@ -3,7 +3,9 @@
 Writes RUN/{baseline|ssl|sap}/fold_K/: last.pt (weights + optimiser, schedule, sampler state),
 best.pt (highest mean validation F2), log.csv, tensorboard/, config.yaml (resolved) and
 summary.json. Runs unchanged on several GPUs (or CPU processes) with
-`accelerate launch [--multi_gpu --num_processes N] -m sap.finetune ...`.
+`accelerate launch [--multi_gpu --num_processes N] -m sap.finetune ...`; on a CPU-only machine
+`accelerate launch --multi_gpu --num_processes 2 -m sap.finetune ...` gives two gloo processes
+(`--cpu --num_processes 2` starts only one). Without a launcher it runs as one process.
 """
 
 from __future__ import annotations
