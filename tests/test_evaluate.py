@@ -233,3 +233,22 @@ def test_config_overrides_reach_the_settings(folders, tmp_path):
     assert settings["n_bootstrap"] == 200  # the tiny preset's value
     rows = pd.read_csv(out / "patients.csv", dtype={"case": str}).set_index("case")
     assert rows.loc["b", "n_pred"] == 1  # the 0.024 mL false positive is dropped by --min-volume-ml
+
+
+def test_joint_tuning_of_min_volume(tmp_path):
+    """A tiny false positive next to a lesion found at every threshold: only dropping components
+    below 0.025 mL (the lowest such grid volume) gives F2 = 1, at the lowest threshold."""
+    pred_dir, gt_dir = tmp_path / "pred", tmp_path / "gt"
+    cases = case_arrays()
+    prob, gt = cases["b"]  # lesion found (0.8) plus a 0.024 mL false positive (0.6)
+    write_image(prob, GEOMETRY, pred_dir / "t.nii.gz")
+    write_image(gt, GEOMETRY, gt_dir / "t.nii.gz")
+    for case_id in ("a", "c"):
+        write_image(cases[case_id][0], GEOMETRY, pred_dir / f"{case_id}.nii.gz")
+        write_image(cases[case_id][1], GEOMETRY, gt_dir / f"{case_id}.nii.gz")
+    out = tmp_path / "out"
+    assert evaluate("--pred", str(pred_dir), "--gt", str(gt_dir), "--out", str(out), "--tune-on", "t",
+                    "--set", "tuning.tune_min_volume=true",
+                    "--set", "tuning.min_volume_ml_grid=[0.0, 0.01, 0.025, 0.5]") == 0
+    tuning = json.loads((out / "summary.json").read_text())["tuning"]
+    assert (tuning["threshold"], tuning["min_volume_ml"], tuning["objective_value"]) == (0.05, 0.025, 1.0)
