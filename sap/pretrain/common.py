@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,8 @@ def prepare_out_dir(folder: Path, resume: bool, overwrite: bool) -> None:
     if overwrite:
         for name in existing:
             (folder / name).unlink()
+        if (folder / "tensorboard").is_dir():  # old event files would mix with the new run's
+            shutil.rmtree(folder / "tensorboard")
 
 
 @dataclass
