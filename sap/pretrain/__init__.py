@@ -21,14 +21,21 @@ def run_pretrain(
     overwrite: bool = False,
     progress: bool = True,
     stop_after: int | None = None,
+    keep_memory: bool = False,
 ) -> PretrainResult:
-    """Run one pretraining stage with a validated config; outputs in ``RUN/pretrain/<stage>``."""
+    """Run one pretraining stage with a validated config; outputs in ``RUN/pretrain/<stage>``.
+
+    ``keep_memory`` (skeletal stage, CPU only) keeps freed memory for reuse: faster steps, more
+    resident memory; see :func:`sap.models.training.keep_freed_memory`.
+    """
     from sap.errors import SapError
 
     if stage == "skeletal":
         from sap.pretrain.skeletal import train_skeletal
 
-        return train_skeletal(cfg, resume=resume, overwrite=overwrite, progress=progress, stop_after=stop_after)
+        return train_skeletal(
+            cfg, resume=resume, overwrite=overwrite, progress=progress, stop_after=stop_after, keep_memory=keep_memory
+        )
     if stage == "ssl":
         from sap.pretrain.ssl import train_ssl
 

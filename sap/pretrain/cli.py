@@ -27,6 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace earlier outputs of this stage")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    parser.add_argument(
+        "--low-memory",
+        action="store_true",
+        help="skeletal stage on CPU: return freed memory to the OS (slower steps, about 35%% less resident memory)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,7 +39,9 @@ def run(args: argparse.Namespace) -> int:
     from sap.pretrain import run_pretrain
 
     cfg = config_from_args(args)
-    result = run_pretrain(cfg, args.stage, resume=args.resume, overwrite=args.overwrite, progress=args.progress)
+    result = run_pretrain(
+        cfg, args.stage, resume=args.resume, overwrite=args.overwrite, progress=args.progress, keep_memory=not args.low_memory
+    )
     final = ", ".join(f"{k} {v:.4f}" for k, v in result.final_metrics.items() if k in _HEADLINE)
     print(
         f"sap pretrain {args.stage}: {result.steps} steps, best at step {result.best_step}"

@@ -90,22 +90,25 @@ def train_skeletal(
     overwrite: bool = False,
     progress: bool = True,
     stop_after: int | None = None,
+    keep_memory: bool = False,
 ) -> PretrainResult:
     """Run (or resume) skeletal pretraining; outputs in ``RUN/pretrain/skeletal``.
 
     ``stop_after`` ends the run after that many steps as if it had been killed (tests of
-    ``--resume``); the outputs then hold the last checkpoint written before it.
+    ``--resume``); the outputs then hold the last checkpoint written before it. ``keep_memory``
+    applies :func:`sap.models.training.keep_freed_memory` on CPU (faster steps, more resident
+    memory; it changes the whole process's allocator, so only entry points should ask for it).
     """
     started = time.perf_counter()
     out = stage_dir(cfg, STAGE)
     accelerator = make_accelerator(cfg.pretrain.amp)
-    if accelerator.device.type == "cpu":
-        keep_freed_memory()
     main = accelerator.is_main_process
     if main:
         prepare_out_dir(out, resume, overwrite)
     accelerator.wait_for_everyone()
     data = load_stage_data(cfg, need_skeleton=True, progress=progress and main)
+    if keep_memory and accelerator.device.type == "cpu":
+        keep_freed_memory()  # process-wide: the CLI asks for it, library callers opt in
     generator = seed_everything(cfg.pretrain.seed)
     in_channels = len(data.channels)
 
