@@ -252,3 +252,28 @@ def test_joint_tuning_of_min_volume(tmp_path):
                     "--set", "tuning.min_volume_ml_grid=[0.0, 0.01, 0.025, 0.5]") == 0
     tuning = json.loads((out / "summary.json").read_text())["tuning"]
     assert (tuning["threshold"], tuning["min_volume_ml"], tuning["objective_value"]) == (0.05, 0.025, 1.0)
+
+
+def test_real_pir_mask_float64(shared_data, tmp_path, capsys):
+    """verse004: a float64 label map (vertebrae 16–24) on a PIR, 1 × 1 × 2 mm grid."""
+    from sap.data.io import read_image
+
+    source = shared_data / "verse004" / "vertebrae_mask.nii.gz"
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    gt_dir.mkdir()
+    (gt_dir / "v004.nii.gz").symlink_to(source)
+    write_image(np.zeros(read_image(source).array.shape, np.float32), read_image(source).geometry,
+                pred_dir / "v004.nii.gz")
+    assert evaluate("--pred", str(pred_dir), "--gt", str(gt_dir), "--out", str(tmp_path / "o")) == 2
+    assert "v004.nii.gz: lesion mask is not binary: values 16, 17" in capsys.readouterr().err
+
+    image = read_image(source)
+    vertebrae = image.array > 0
+    write_image(vertebrae.astype(np.uint8), image.geometry, gt_dir / "v004.nii.gz", overwrite=True)
+    write_image(vertebrae.astype(np.float32) * 0.9, image.geometry, pred_dir / "v004.nii.gz", overwrite=True)
+    out = tmp_path / "out"
+    assert evaluate("--pred", str(pred_dir), "--gt", str(gt_dir), "--out", str(out)) == 0
+    row = pd.read_csv(out / "patients.csv").iloc[0]
+    assert row["n_gt"] == row["n_pred"] == row["detected"] >= 1 and row["fp"] == 0
+    assert row["dice_detected"] == 1.0 and row["nsd_detected"] == 1.0
+    assert row["volume_gt_ml"] == pytest.approx(vertebrae.sum() * image.voxel_volume_ml, rel=1e-9)
