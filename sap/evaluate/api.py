@@ -168,6 +168,12 @@ def _read(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
     return np.ascontiguousarray(source_xyz.T), tuple(float(s) for s in reversed(geometry.spacing))  # type: ignore
 
 
+def read_volume(path: str | Path) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """Public name of the evaluation reader: a C-contiguous (z, y, x) view of the file's voxels and
+    its spacing in mm along those axes (the voxel order of :func:`load_pair` and ``lesions.csv`` ids)."""
+    return _read(Path(path))
+
+
 def load_pair(pair: CasePair) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
     """(prediction, ground truth, spacing in mm) of one case; spacing from the ground-truth header.
 
