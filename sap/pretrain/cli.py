@@ -42,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
     result = run_pretrain(
         cfg, args.stage, resume=args.resume, overwrite=args.overwrite, progress=args.progress, keep_memory=not args.low_memory
     )
+    if not result.main_process:  # one line per run, not per rank
+        return 0
     final = ", ".join(f"{k} {v:.4f}" for k, v in result.final_metrics.items() if k in _HEADLINE)
     print(
         f"sap pretrain {args.stage}: {result.steps} steps, best at step {result.best_step}"

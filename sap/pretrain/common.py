@@ -34,6 +34,7 @@ class PretrainResult:
     best_metric: float
     final_metrics: dict[str, float] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
+    main_process: bool = True  #: False on the other ranks under ``accelerate launch``
 
     @property
     def best(self) -> Path:

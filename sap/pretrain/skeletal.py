@@ -219,5 +219,5 @@ def train_skeletal(
     }
     if main:
         write_summary(out, summary)
-    return PretrainResult(STAGE, out, loop.step, loop.best_step, loop.best_metric, dict(last_scores), summary)
+    return PretrainResult(STAGE, out, loop.step, loop.best_step, loop.best_metric, dict(last_scores), summary, main)
 

@@ -232,4 +232,4 @@ def train_ssl(
     }
     if main:
         write_summary(out, summary)
-    return PretrainResult(STAGE, out, loop.step, loop.best_step, loop.best_metric, dict(last_scores), summary)
+    return PretrainResult(STAGE, out, loop.step, loop.best_step, loop.best_metric, dict(last_scores), summary, main)
