@@ -296,7 +296,7 @@ def train_loop(
             with accelerator.autocast():
                 loss, values = step_fn(model, batch)
             if not torch.isfinite(loss.detach()):
-                raise SapError(f"{desc}: loss became {float(loss)} at step {loop.step + 1}; lower the learning rate")
+                raise SapError(f"{desc}: loss became {float(loss.detach())} at step {loop.step + 1}; lower the learning rate")
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             optimizer.step()

@@ -1,0 +1,133 @@
+"""Shared training pieces: schedule, RNG capture, CSV logger, the loop (no Swin UNETR: fast)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from sap.errors import SapError
+from sap.models.training import (
+    LoopState,
+    RunLogger,
+    capture_rng,
+    every,
+    make_accelerator,
+    restore_rng,
+    restore_training_state,
+    train_loop,
+    training_state,
+    warmup_cosine_factor,
+    warmup_cosine_schedule,
+)
+
+
+def test_warmup_then_cosine():
+    max_steps, warmup = 40, 4
+    factors = [warmup_cosine_factor(s, max_steps, warmup) for s in range(max_steps + 1)]
+    assert factors[:warmup] == sorted(factors[:warmup]) and 0 < factors[0] < factors[warmup - 1] < 1
+    assert factors[warmup] == pytest.approx(1.0)
+    after = factors[warmup:]
+    assert all(a >= b for a, b in zip(after, after[1:], strict=False))
+    assert factors[-1] == pytest.approx(0.0, abs=1e-12)
+    # halfway through the cosine the factor is one half
+    assert warmup_cosine_factor(warmup + (max_steps - warmup) // 2, max_steps, warmup) == pytest.approx(0.5)
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=2.0)
+    scheduler = warmup_cosine_schedule(optimizer, max_steps, warmup_fraction=0.1)
+    seen = []
+    for _ in range(max_steps):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    np.testing.assert_allclose(seen, [2.0 * f for f in factors[:max_steps]])
+    with pytest.raises(SapError):
+        warmup_cosine_schedule(optimizer, 0, 0.1)
+
+
+def test_rng_capture_restores_every_stream():
+    generator = np.random.default_rng(5)
+    state = capture_rng(generator)
+    first = (torch.rand(3), random.random(), generator.random(2))
+    restore_rng(state, generator)
+    second = (torch.rand(3), random.random(), generator.random(2))
+    assert torch.equal(first[0], second[0]) and first[1] == second[1]
+    np.testing.assert_array_equal(first[2], second[2])
+
+
+def test_logger_truncates_on_resume(tmp_path):
+    logger = RunLogger(tmp_path, ["loss", "val_dice"], tensorboard=False)
+    for step in range(1, 6):
+        logger.log(step, {"loss": 1.0 / step, **({"val_dice": 0.5} if step % 2 == 0 else {})})
+    with pytest.raises(SapError, match="not columns"):
+        logger.log(6, {"other": 1.0})
+    logger.close()
+    resumed = RunLogger(tmp_path, ["loss", "val_dice"], resume_step=2, tensorboard=False)
+    resumed.log(3, {"loss": 0.25})
+    with (tmp_path / "log.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    assert rows[1]["val_dice"] == "0.5" and rows[2]["val_dice"] == "" and float(rows[2]["loss"]) == 0.25
+
+
+def _tiny_run(stop_after=None, state=None):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = warmup_cosine_schedule(optimizer, 6, 0.2)
+    accelerator = make_accelerator(amp=False)
+    generator = np.random.default_rng(1)
+    loop = LoopState()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        loop = restore_training_state(state["training"], optimizer, scheduler, accelerator, generator)
+    checkpoints = {}
+
+    def draw():
+        x = torch.from_numpy(generator.normal(size=(4, 3))).float()
+        return x, x.sum(1, keepdim=True)
+
+    def step_fn(net, batch):
+        loss = torch.nn.functional.mse_loss(net(batch[0]), batch[1])
+        return loss, {"loss": float(loss.detach())}
+
+    def save(current):
+        checkpoints["last"] = {
+            "model": {k: v.clone() for k, v in model.state_dict().items()},
+            "training": training_state(optimizer, scheduler, accelerator, current, generator),
+        }
+        return {"saved": 1.0}
+
+    calls = []
+    loop = train_loop(
+        model=model, draw_batch=draw, step_fn=step_fn, optimizer=optimizer, scheduler=scheduler,
+        accelerator=accelerator, loop=loop, max_steps=6, callbacks=[every(3, save), lambda s, last: calls.append(last)],
+        stop_after=stop_after, progress=False,
+    )
+    return model, loop, checkpoints, calls
+
+
+def test_loop_resumes_to_the_same_weights():
+    full, loop, _, calls = _tiny_run()
+    assert loop.step == 6 and calls == [False] * 5 + [True]
+    _, stopped, checkpoints, _ = _tiny_run(stop_after=3)
+    assert stopped.step == 3 and checkpoints["last"]["training"]["step"] == 3
+    resumed, loop2, _, _ = _tiny_run(state=checkpoints["last"])
+    assert loop2.step == 6
+    for a, b in zip(full.parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_loop_refuses_a_diverged_loss():
+    model = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(SapError, match="loss became"):
+        train_loop(
+            model=model, draw_batch=lambda: None, step_fn=lambda net, b: (torch.tensor(math.nan, requires_grad=True), {}),
+            optimizer=optimizer, scheduler=warmup_cosine_schedule(optimizer, 2, 0.0),
+            accelerator=make_accelerator(False), loop=LoopState(), max_steps=2, progress=False,
+        )
