@@ -299,8 +299,7 @@ def _skeleton_labels(
     else:
         assert item.case is not None
         image = prepare_image(item.case, skeletal.data).image
-    skel_settings = dataclasses.replace(settings, overlap=skeletal.infer.overlap)
-    probs = _engine(skeletal, image, skel_settings, "probabilities", progress)
+    probs = _engine(skeletal, image, settings, "probabilities", progress)  # 10 × float32 per voxel
     labels = probs.argmax(axis=0).astype(np.uint8)
     del probs
     return _back_to_source(labels, geometry.canonical_shape, order=0)
