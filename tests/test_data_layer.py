@@ -250,3 +250,23 @@ def test_cohort_json_states_channels_unless_overridden(tmp_path):
     assert list(discover_cohort(cfg.data).patients[0].channels) == ["CT"]
     args.overrides = ["data.channels=[T1]"]
     assert config_from_args(args).data.channels == ["T1"]
+
+
+@pytest.mark.parametrize("method", ["percentile", "zscore", "ct_window", "none"])
+def test_normalise_in_place_equals_copy(method):
+    rng = np.random.default_rng(3)
+    image = rng.normal(50, 20, size=(2, 12, 12, 12)).astype(np.float32)
+    body = np.zeros((12, 12, 12), np.uint8)
+    body[2:10, 2:10, 2:10] = 1
+    cfg = load_config("tiny").data
+    cfg.normalization = method
+    expected = normalise(image, body, cfg)
+    assert expected.dtype == np.float32 and not np.shares_memory(expected, image)
+    in_place = image.copy()
+    result = normalise(in_place, body, cfg, out=in_place)
+    assert result is in_place
+    np.testing.assert_allclose(in_place, expected, rtol=1e-6, atol=1e-6)
+    if method == "zscore":
+        inside = expected[:, body > 0]
+        np.testing.assert_allclose(inside.mean(axis=1), 0, atol=1e-4)
+        np.testing.assert_allclose(inside.std(axis=1), 1, atol=1e-4)

@@ -124,33 +124,50 @@ def body_mask(image: np.ndarray, modality: str) -> np.ndarray:
     return (largest > 0).astype(np.uint8)
 
 
-def normalise(image: np.ndarray, body: np.ndarray, cfg: DataConfig) -> np.ndarray:
-    """Per-channel intensity normalisation (SPEC §2).
+def normalise(
+    image: np.ndarray, body: np.ndarray, cfg: DataConfig, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Per-channel intensity normalisation (SPEC §2), float32 (C, X, Y, Z).
 
     ``percentile``: clip to the configured percentiles inside the body, scale to [0, 1];
     ``ct_window``: clip to the HU window, scale to [0, 1]; ``zscore``: zero mean, unit variance
-    inside the body; ``none``: unchanged.
+    inside the body; ``none``: unchanged. ``out`` (float32, may be ``image`` itself) receives the
+    result without a second full-size copy: whole-body inference keeps memory within SPEC §12.
     """
-    out = np.empty_like(image, dtype=np.float32)
+    if out is None:
+        out = np.empty(image.shape, dtype=np.float32)
+    elif out.dtype != np.float32 or out.shape != image.shape:
+        raise ValueError("out must be float32 with the image's shape")
     inside = body.astype(bool)
     if not inside.any():
         inside = np.ones(body.shape, dtype=bool)
-    for c, channel in enumerate(image):
+    for c in range(image.shape[0]):
+        channel, target = image[c], out[c]
         method = cfg.normalization
         if method == "ct_window" or (method == "percentile" and cfg.modality == "ct"):
             lo, hi = cfg.ct_window
+            scale = hi - lo if hi > lo else 1.0
         elif method == "percentile":
             lo, hi = np.percentile(channel[inside], cfg.percentiles)
+            scale = hi - lo if hi > lo else 1.0
         elif method == "zscore":
             values = channel[inside]
-            mean, std = float(values.mean()), float(values.std())
-            out[c] = (channel - mean) / (std if std > 0 else 1.0)
-            continue
+            lo, std = float(values.mean()), float(values.std())
+            hi, scale = None, (std if std > 0 else 1.0)
         else:
-            out[c] = channel
+            if target is not channel:
+                target[...] = channel
             continue
-        scale = hi - lo if hi > lo else 1.0
-        out[c] = (np.clip(channel, lo, hi) - lo) / scale
+        # float32 bounds: the clipped minimum then maps to exactly 0 and the maximum to exactly 1
+        lo, scale = np.float32(lo), np.float32(scale)
+        if hi is None:
+            np.subtract(channel, lo, out=target, casting="unsafe")
+        else:
+            hi = np.float32(hi)
+            scale = hi - lo if hi > lo else np.float32(1.0)
+            np.clip(channel, lo, hi, out=target, casting="unsafe")
+            target -= lo
+        target /= scale
     return out
 
 

@@ -160,7 +160,7 @@ def prepare_image(case: Case, data: DataConfig) -> PreparedImage:
     del loaded
     body = body_mask(image, data.modality)
     for c in range(image.shape[0]):  # one channel at a time: no second full-size copy
-        image[c] = normalise(image[c : c + 1], body, data)[0]
+        normalise(image[c : c + 1], body, data, out=image[c : c + 1])
     return PreparedImage(image=image, geometry=geometry, resampled=resampled)
 
 
