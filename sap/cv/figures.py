@@ -66,8 +66,8 @@ def froc_figure(summaries: Mapping[str, dict], path: Path, scale_note: str) -> P
             if s.get(op_x) is not None and s.get(op_y) is not None:
                 ax.plot([s[op_x]], [s[op_y]], "o" if key == "froc" else "s", color=color, ms=8, mfc="white", mew=2)
     ax.plot([], [], "ko", mfc="white", label="operating point (tuned threshold)")
-    ax.set_xlim(0, 15)
-    ax.set_ylim(0, 1.02)
+    ax.set_xlim(-0.3, 15)  # operating points at 0 FPPI stay visible
+    ax.set_ylim(0, 1.04)
     ax.set_xlabel("false positives per exam (FPPI)")
     ax.set_ylabel("lesion sensitivity (pooled)")
     ax.set_title(f"FROC (sweep mode) — {scale_note}", fontsize=10)
@@ -111,7 +111,7 @@ def box_figure(values: Mapping[str, Mapping[str, np.ndarray]], significance: Any
             for pos, d, m in zip(positions, data, methods, strict=True):
                 ax.scatter(pos + rng.uniform(-0.12, 0.12, d.size), d, s=9, color=COLORS[m], alpha=0.8, zorder=3)
         top = max((float(d.max()) for d in data if d.size), default=1.0)
-        span = max(top, 1e-9)
+        span = top if top > 0 else 1.0  # all-zero panels (e.g. no FP) keep a readable scale
         ax.set_xticks(positions, [f"{LABELS[m]}\nn={d.size}" for m, d in zip(methods, data, strict=True)])
         ax.set_title(title + (" (per lesion)" if level == "lesion" else " (per exam)"), fontsize=10)
         if significance is not None and len(methods) > 1:
@@ -125,7 +125,7 @@ def box_figure(values: Mapping[str, Mapping[str, np.ndarray]], significance: Any
                 ax.plot([a, a, b, b], [y - step * 0.3, y, y, y - step * 0.3], color="k", lw=0.8)
                 mark = row["stars"] if isinstance(row["stars"], str) and row["stars"] else "n.s."
                 ax.text((a + b) / 2, y, mark, ha="center", va="bottom", fontsize=8)
-            ax.set_ylim(top=top + step * (len(rows) + 1.5))
+            ax.set_ylim(bottom=min(0.0, -0.05 * span), top=top + step * (len(rows) + 1.5))
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle("Detection and segmentation metrics (Bonferroni-adjusted significance)", fontsize=11)
     fig.tight_layout()
