@@ -131,3 +131,22 @@ def test_loop_refuses_a_diverged_loss():
             optimizer=optimizer, scheduler=warmup_cosine_schedule(optimizer, 2, 0.0),
             accelerator=make_accelerator(False), loop=LoopState(), max_steps=2, progress=False,
         )
+
+
+def test_prepare_out_dir_refuses_replaces_and_resumes(tmp_path):
+    from sap.errors import SapError
+    from sap.models.training import prepare_out_dir
+
+    out = tmp_path / "stage"
+    prepare_out_dir(out, resume=False, overwrite=False)  # new folder: fine
+    (out / "last.pt").write_bytes(b"weights")
+    (out / "tensorboard").mkdir()
+    with pytest.raises(SapError, match="outputs exist \\(last.pt\\)"):
+        prepare_out_dir(out, resume=False, overwrite=False)
+    assert (out / "last.pt").read_bytes() == b"weights"
+    prepare_out_dir(out, resume=True, overwrite=False)  # resume keeps everything
+    assert (out / "last.pt").exists()
+    prepare_out_dir(out, resume=False, overwrite=True)
+    assert not (out / "last.pt").exists() and not (out / "tensorboard").exists()
+    with pytest.raises(SapError, match="nothing to resume"):
+        prepare_out_dir(out, resume=True, overwrite=False)

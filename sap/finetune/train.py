@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +51,6 @@ INITS = ("scratch", "ssl", "sap")
 METHOD_OF_INIT = {"scratch": "baseline", "baseline": "baseline", "ssl": "ssl", "sap": "sap"}
 #: pretraining stage whose ``best.pt`` an init starts from
 STAGE_OF_INIT = {"ssl": "ssl", "sap": "skeletal"}
-OUTPUT_FILES = ("last.pt", "best.pt", "log.csv", "config.yaml", "summary.json")
 LOG_COLUMNS = (
     "lr",
     "lr_decoder",
@@ -168,21 +166,6 @@ def build_model(
         )
     load_weights(model, path, expect=init, verbose=verbose)
     return model
-
-
-def prepare_out_dir(folder: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to touch earlier outputs unless ``--overwrite`` (start over) or ``--resume``."""
-    existing = [name for name in OUTPUT_FILES if (folder / name).exists()]
-    if resume:
-        if not (folder / "last.pt").is_file():
-            raise SapError(f"{folder / 'last.pt'}: nothing to resume (no last checkpoint)")
-        return
-    if existing and not overwrite:
-        raise SapError(f"{folder}: outputs exist ({', '.join(existing)}); pass --overwrite or --resume")
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in existing:
-        (folder / name).unlink()
-    shutil.rmtree(folder / "tensorboard", ignore_errors=True)  # no events of the replaced run
 
 
 @dataclass
@@ -340,6 +323,7 @@ def run_finetune(
         RunLogger,
         every,
         make_accelerator,
+        prepare_out_dir,
         restore_training_state,
         train_loop,
         training_state,

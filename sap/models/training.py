@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import math
 import random
+import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -318,3 +319,27 @@ def train_loop(
     finally:
         bar.close()
     return loop
+
+
+#: Files a training stage writes into its output folder (besides ``tensorboard/``).
+RUN_OUTPUT_FILES = ("last.pt", "best.pt", "log.csv", "config.yaml", "summary.json")
+
+
+def prepare_out_dir(folder: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to touch earlier outputs unless ``--overwrite`` (start over) or ``--resume``.
+
+    Shared by pretraining and fine-tuning (stages never import each other).
+    """
+    existing = [name for name in RUN_OUTPUT_FILES if (folder / name).exists()]
+    if resume:
+        if not (folder / "last.pt").is_file():
+            raise SapError(f"{folder / 'last.pt'}: nothing to resume (no last checkpoint)")
+        return
+    if existing and not overwrite:
+        raise SapError(f"{folder}: outputs exist ({', '.join(existing)}); pass --overwrite or --resume")
+    folder.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        for name in existing:
+            (folder / name).unlink()
+        # old event files would mix with the new run's
+        shutil.rmtree(folder / "tensorboard", ignore_errors=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,6 @@ from sap.data.splits import pretrain_split
 from sap.errors import SapError
 
 STAGES = ("skeletal", "ssl")
-OUTPUT_FILES = ("last.pt", "best.pt", "log.csv", "config.yaml", "summary.json")
 
 
 @dataclass
@@ -52,23 +50,6 @@ def stage_dir(cfg: Config, stage: str) -> Path:
     if not cfg.out:
         raise SapError("no run folder: pass --out RUN (or set out in the config)")
     return Path(cfg.out) / "pretrain" / stage
-
-
-def prepare_out_dir(folder: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to touch earlier outputs unless ``--overwrite`` (start over) or ``--resume``."""
-    existing = [name for name in OUTPUT_FILES if (folder / name).exists()]
-    if resume:
-        if not (folder / "last.pt").is_file():
-            raise SapError(f"{folder / 'last.pt'}: nothing to resume (no last checkpoint)")
-        return
-    if existing and not overwrite:
-        raise SapError(f"{folder}: outputs exist ({', '.join(existing)}); pass --overwrite or --resume")
-    folder.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        for name in existing:
-            (folder / name).unlink()
-        if (folder / "tensorboard").is_dir():  # old event files would mix with the new run's
-            shutil.rmtree(folder / "tensorboard")
 
 
 @dataclass

@@ -28,6 +28,7 @@ from sap.models.training import (
     every,
     keep_freed_memory,
     make_accelerator,
+    prepare_out_dir,
     restore_training_state,
     train_loop,
     training_state,
@@ -37,7 +38,6 @@ from sap.models.weights import load_checkpoint, load_weights, make_checkpoint, s
 from sap.pretrain.common import (
     PretrainResult,
     load_stage_data,
-    prepare_out_dir,
     save_resolved_config,
     seed_everything,
     stage_dir,

@@ -29,6 +29,7 @@ from sap.models.training import (
     RunLogger,
     every,
     make_accelerator,
+    prepare_out_dir,
     restore_training_state,
     train_loop,
     training_state,
@@ -38,7 +39,6 @@ from sap.models.weights import load_checkpoint, make_checkpoint, save_checkpoint
 from sap.pretrain.common import (
     PretrainResult,
     load_stage_data,
-    prepare_out_dir,
     save_resolved_config,
     seed_everything,
     stage_dir,
