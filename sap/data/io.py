@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -310,13 +311,6 @@ def publish(tmp: str | Path, path: str | Path) -> None:
     os.replace(tmp, path)
 
 
-def _temporary_sibling(path: Path) -> Path:
-    suffix = next((s for s in IMAGE_SUFFIXES if path.name.endswith(s)), path.suffix)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
 def check_writable(path: Path, overwrite: bool) -> None:
     if path.exists() and not overwrite:
         raise SapError(f"{path}: output exists; pass --overwrite to replace it")
@@ -338,15 +332,8 @@ def write_image(
     if tuple(array.shape) != tuple(geometry.canonical_shape):
         raise SapError(f"{path}: array shape {array.shape} does not fit the grid {geometry.canonical_shape}")
     image = to_sitk(array, geometry)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary_sibling(path)
-    try:
-        sitk.WriteImage(image, str(tmp), useCompression=compress)
-        publish(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    suffix = next((s for s in IMAGE_SUFFIXES if path.name.endswith(s)), path.suffix)
+    return atomic_write(path, lambda tmp: sitk.WriteImage(image, tmp, useCompression=compress), f".tmp{suffix}")
 
 
 def make_geometry(
@@ -376,35 +363,31 @@ def make_geometry(
     return geometry_of(image)
 
 
+def atomic_write(path: str | Path, write: Callable[[str], None], suffix: str = ".tmp") -> Path:
+    """Run ``write(temporary_path)`` on a hidden sibling of ``path``, then rename it into place.
+
+    The one atomic-write mechanism of sap: a kill never leaves half a file, and a failed write
+    leaves neither a temporary file nor a damaged ``path``. ``suffix`` keeps the extension that
+    writers choose their format by (``.tmp.nii.gz`` for SimpleITK).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        publish(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
 def atomic_write_text(path: Path, text: str, overwrite: bool = True) -> Path:
     """Write text through a temporary sibling and a rename (no half-written files)."""
     path = Path(path)
     check_writable(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        publish(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def atomic_save_npy(path: Path, array: np.ndarray) -> Path:
-    """``numpy.save`` through a temporary sibling and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.npy", dir=path.parent)
-    os.close(fd)
-    try:
-        np.save(tmp, array)
-        publish(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def image_files(folder: Path) -> list[Path]:

@@ -20,10 +20,8 @@ the expected part loads: ``ssl`` = every ``swinViT.*`` tensor, ``sap`` = every t
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sap.data.io import publish
+from sap.data.io import atomic_write
 from sap.errors import SapError
 from sap.models.swin import patch_merging_layout, set_patch_merging
 
@@ -307,17 +305,7 @@ def load_weights(
 # ------------------------------------------------------------------------------------ sap files
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """``torch.save`` through a temporary sibling and a rename: a kill never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        publish(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def make_checkpoint(
