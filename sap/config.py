@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -51,6 +52,10 @@ class ModelConfig:
     """Swin UNETR settings (SPEC §5)."""
 
     feature_size: int = 48
+    #: attention heads per Swin stage; MONAI's default. A stage's width (feature_size x 2^i)
+    #: must be divisible by its heads. The small presets use (1, 2, 4, 8): at feature_size 12
+    #: the default gives 4-wide heads and the attention costs half of a CPU step.
+    num_heads: list[int] = field(default_factory=lambda: [3, 6, 12, 24])
     patch_size: list[int] = field(default_factory=lambda: [96, 96, 96])
     drop_rate: float = 0.1
     attn_drop_rate: float = 0.1
@@ -216,6 +221,9 @@ class ConfigError(SapError):
 
 
 # ----------------------------------------------------------------------------------- validation
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _type_ok(value: Any, annotation: Any) -> tuple[bool, Any]:
     """Check ``value`` against a type annotation; return (ok, coerced value)."""
     origin = typing.get_origin(annotation)
@@ -245,6 +253,8 @@ def _type_ok(value: Any, annotation: Any) -> tuple[bool, Any]:
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return True, float(value)
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            return True, float(value)  # PyYAML reads 1e-3 (no dot) as a string
         return False, value
     if annotation is str:
         return isinstance(value, str), value

@@ -123,10 +123,17 @@ def build_swin_unetr(
         raise SapError(f"Swin UNETR needs at least one input and output channel, got {in_channels}/{out_channels}")
     if model_cfg.feature_size % 12:
         raise SapError(f"model.feature_size: {model_cfg.feature_size} must be a multiple of 12")
+    heads = list(getattr(model_cfg, "num_heads", None) or (3, 6, 12, 24))
+    widths = [model_cfg.feature_size * 2**stage for stage in range(4)]
+    if len(heads) != 4 or any(h < 1 or w % h for h, w in zip(heads, widths, strict=False)):
+        raise SapError(
+            f"model.num_heads: {heads} must be four positive counts dividing the stage widths {widths}"
+        )
     model = SwinUNETR(
         in_channels=in_channels,
         out_channels=out_channels,
         feature_size=model_cfg.feature_size,
+        num_heads=tuple(heads),
         drop_rate=model_cfg.drop_rate,
         attn_drop_rate=model_cfg.attn_drop_rate,
         dropout_path_rate=model_cfg.dropout_path_rate,
