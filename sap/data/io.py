@@ -15,6 +15,7 @@ Every image enters sap through :func:`read_image` and leaves through :func:`writ
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from collections.abc import Callable
@@ -199,6 +200,73 @@ def _is_nifti(path: Path) -> bool:
     return path.is_file() and (path.name.endswith(".nii") or path.name.endswith(".nii.gz"))
 
 
+def _inflater():  # noqa: ANN202 - a zlib-compatible module
+    """zlib-ng inflates 5–10× faster than the standard zlib, which dominates reading whole-body
+    .nii.gz volumes; the standard module is the fallback where zlib-ng is not installed."""
+    try:
+        from zlib_ng import zlib_ng
+
+        return zlib_ng
+    except ImportError:
+        import zlib
+
+        return zlib
+
+
+_CHUNK = 4 << 20  # inflate in cache-sized pieces copied straight into the final array
+
+
+def _read_nifti_gz(path: Path) -> np.ndarray | None:
+    """Voxel data of a single-file NIfTI-1 .nii.gz, inflated straight into the final array.
+
+    Returns the array nibabel's ``np.asanyarray(nib.load(path).dataobj)`` gives (same dtype, byte
+    order, shape and Fortran order), or None where this reader does not apply or the stream is
+    irregular (scaled data, NIfTI-2, truncated or corrupt streams): the caller then reads with
+    nibabel, which also words the errors.
+    """
+    zlib_mod = _inflater()
+    raw = path.read_bytes()
+    try:
+        inflater = zlib_mod.decompressobj(31)  # 31: gzip wrapper
+        head = inflater.decompress(raw, 352)
+        if len(head) < 352 or int.from_bytes(head[:4], "little") not in (348, 348 << 24):
+            return None  # not NIfTI-1 (NIfTI-2 headers are 540 bytes)
+        byteorder = "little" if int.from_bytes(head[:4], "little") == 348 else "big"
+        offset = int(np.frombuffer(head, "<f4" if byteorder == "little" else ">f4", 1, 108)[0])
+        if offset < 352:
+            return None
+        rest = inflater.unconsumed_tail
+        if offset > len(head):
+            head += inflater.decompress(rest, offset - len(head))
+            rest = inflater.unconsumed_tail
+        if len(head) != offset:
+            return None  # stream ends inside the header
+        header = nib.Nifti1Header.from_fileobj(io.BytesIO(head))
+        slope, inter = header.get_slope_inter()
+        if (slope not in (None, 1.0)) or (inter not in (None, 0.0)) or header.get_data_offset() != offset:
+            return None
+        dtype = header.get_data_dtype()
+        shape = header.get_data_shape()
+        out = np.empty(int(np.prod(shape)) * dtype.itemsize, dtype=np.uint8)
+        filled = 0
+        while filled < out.size:
+            if inflater.eof:  # concatenated gzip members
+                rest = inflater.unused_data
+                if not rest:
+                    return None  # truncated
+                inflater = zlib_mod.decompressobj(31)
+            before = len(rest)
+            piece = inflater.decompress(rest, min(_CHUNK, out.size - filled))
+            rest = inflater.unconsumed_tail
+            if not piece and not inflater.eof and (not rest or len(rest) == before):
+                return None  # input ends mid-stream, or no progress
+            out[filled:filled + len(piece)] = np.frombuffer(piece, np.uint8)
+            filled += len(piece)
+    except Exception:  # any irregular file: nibabel reads it again and reports what is wrong
+        return None
+    return out.view(dtype).reshape(shape, order="F")
+
+
 def _read_source(path: Path) -> tuple[np.ndarray, Geometry]:
     """Voxel data in source (x, y, z) index order, and the geometry.
 
@@ -208,9 +276,9 @@ def _read_source(path: Path) -> tuple[np.ndarray, Geometry]:
     """
     if _is_nifti(path):
         geometry = read_geometry(path)
+        fast = _read_nifti_gz(path) if path.name.endswith(".gz") else None
         try:
-            proxy = nib.load(str(path))
-            data = np.asanyarray(proxy.dataobj)
+            data = fast if fast is not None else np.asanyarray(nib.load(str(path)).dataobj)
         except Exception as exc:  # truncated gzip streams, short payloads
             raise SapError(f"{path}: cannot read image data ({type(exc).__name__}: {str(exc)[:120]})") from exc
         data = np.asarray(data)
