@@ -141,7 +141,11 @@ def _counts(gt: Components, pred: Components, volume_threshold_ml: float) -> tup
 
 def label_ground_truth(gt: np.ndarray, spacing: Sequence[float], connectivity: int = 26) -> Components:
     """E1 on a ground-truth mask (gt > 0; integer masks are labelled without a converted copy)."""
-    mask = gt if gt.dtype.kind in "bu" else gt > 0
+    if gt.dtype == np.uint8 and gt.max(initial=0) <= 1:
+        # a {0, 1} uint8 mask is a bool array byte for byte; numpy scans bool ~15× faster
+        mask = gt.view(np.bool_)
+    else:
+        mask = gt if gt.dtype.kind in "bu" else gt > 0
     return label_components(mask, connectivity, voxel_volume_ml(tuple(spacing)))  # type: ignore[arg-type]
 
 
@@ -298,13 +302,18 @@ def evaluate_case(
     binary = is_binary_prediction(prob, vals_low)
 
     above_t = vals_low >= s.threshold
-    # pred ≥ t voxels are a subset of pred ≥ low: reuse their indices (no second flatnonzero)
-    pred_all = label_components(prob >= s.threshold, s.connectivity, vv, idx_low[above_t])
+    # pred ≥ t voxels are a subset of pred ≥ low: build that mask from their indices (no second
+    # full-volume comparison, and only pages holding foreground are written)
+    idx_t = idx_low[above_t]
+    mask_t = np.zeros(prob.shape, dtype=bool)
+    mask_t.reshape(-1)[idx_t] = True
+    pred_all = label_components(mask_t, s.connectivity, vv, idx_t)
+    del mask_t
     pred_c = drop_small(pred_all, s.min_volume_ml)
     counts, match = _counts(gt_c, pred_c, s.volume_threshold_ml)
 
     # Scores: max probability per predicted component and per lesion.
-    pred_score = group_max(pred_c.ids_at(idx_low[above_t]), vals_low[above_t], pred_c.n)
+    pred_score = group_max(pred_c.ids_at(idx_t), vals_low[above_t], pred_c.n)
     gt_score = group_max(gt_c.ids_at(gt_c.flat_index), flat_prob[gt_c.flat_index], gt_c.n)
 
     gt_dice, gt_nsd = lesion_dice_nsd(gt_c, pred_c, match, spacing, s.tolerance_mm)  # type: ignore[arg-type]
