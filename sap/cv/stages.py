@@ -121,9 +121,9 @@ def evaluate_pairs(
 def read_evaluation_order(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
     """A volume in the voxel order :func:`sap.evaluate.api.load_pair` uses (and its spacing), so
     skeleton labels and lesion ids line up with ``lesions.csv``."""
-    from sap.evaluate.api import _read  # sap.evaluate's reader; no public name yet
+    from sap.evaluate.api import read_volume
 
-    return _read(Path(path))
+    return read_volume(path)
 
 
 def evaluation_to_canonical(array: np.ndarray, path: Path) -> np.ndarray:
