@@ -93,7 +93,7 @@ def main() -> int:
     for gt_path in sorted(Path(args.gt).glob("*.nii.gz")):
         case = gt_path.name[: -len(".nii.gz")]
         pred_path = Path(args.pred) / f"{case}_prob.nii.gz"
-        gt = np.asarray(nib.load(gt_path).dataobj).astype(np.uint8)
+        gt = np.asarray(nib.load(gt_path).dataobj).astype(np.uint8, copy=False)
         pred = (np.asarray(nib.load(pred_path).dataobj) >= args.threshold).astype(np.uint8)
         print(json.dumps({"case": case, **evaluate(evaluator, pred, gt)}), flush=True)
     return 0
