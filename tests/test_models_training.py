@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import random
+import sys
 
 import numpy as np
 import pytest
@@ -14,11 +16,13 @@ from sap.errors import SapError
 from sap.models.training import (
     LoopState,
     RunLogger,
+    _glibc,
     capture_rng,
     every,
     make_accelerator,
     restore_rng,
     restore_training_state,
+    reused_memory,
     train_loop,
     training_state,
     warmup_cosine_factor,
@@ -150,3 +154,24 @@ def test_prepare_out_dir_refuses_replaces_and_resumes(tmp_path):
     assert not (out / "last.pt").exists() and not (out / "tensorboard").exists()
     with pytest.raises(SapError, match="nothing to resume"):
         prepare_out_dir(out, resume=True, overwrite=False)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or _glibc() is None, reason="glibc malloc only")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU training only: a GPU run keeps glibc's defaults")
+def test_reused_memory_keeps_freed_memory_then_hands_it_back():
+    size = 256 * 2**20
+    with reused_memory() as applied:
+        assert applied
+        block = np.ones(size, np.uint8)  # touched: resident
+        before_free = _rss_bytes()
+        del block
+        kept = _rss_bytes()
+        # heap-served and never trimmed: the freed pages stay resident for the next step
+        assert kept > before_free - size // 2
+    # restored: the kept heap is trimmed back to the OS
+    assert _rss_bytes() < kept - size // 2

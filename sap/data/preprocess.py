@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cc3d
 import numpy as np
@@ -19,7 +20,7 @@ from scipy import ndimage
 
 from sap.config import DataConfig
 from sap.data.cases import Case
-from sap.data.io import Geometry, Image, from_sitk, read_image, to_sitk
+from sap.data.io import Geometry, Image, from_sitk, read_source_array, to_canonical, to_sitk
 from sap.data.labels import check_lesion_mask, check_skeleton
 from sap.errors import SapError
 
@@ -39,13 +40,13 @@ class LoadedCase:
         return self.geometry.canonical_spacing
 
 
-def _resample_onto(image: Image, reference: Image, is_label: bool) -> np.ndarray:
-    """``image`` resampled onto ``reference``'s grid (labels nearest, channels linear)."""
+def _resample_onto(image: Image, reference: Geometry, is_label: bool) -> np.ndarray:
+    """``image`` resampled onto the ``reference`` grid (labels nearest, channels linear)."""
     interpolator = sitk.sitkNearestNeighbor if is_label else sitk.sitkLinear
     moving = to_sitk(image.array, image.geometry)
-    fixed = to_sitk(np.zeros(reference.array.shape, np.uint8), reference.geometry)
+    fixed = to_sitk(np.zeros(reference.canonical_shape, np.uint8), reference)
     resampled = sitk.Resample(moving, fixed, sitk.Transform(), interpolator, 0.0, moving.GetPixelID())
-    return from_sitk(resampled, reference.geometry)
+    return from_sitk(resampled, reference)
 
 
 def load_case(case: Case, cfg: DataConfig, n4: bool | None = None) -> LoadedCase:
@@ -53,45 +54,60 @@ def load_case(case: Case, cfg: DataConfig, n4: bool | None = None) -> LoadedCase
 
     Raises :class:`SapError` naming the file(s) for unreadable files, grid mismatches (naming both
     files and the differing field), NaN/Inf voxels and invalid label values.
+
+    Memory: each channel is copied from the file's array straight into its slot of the
+    ``(C, X, Y, Z)`` float32 result (casting and reorienting on the way), so reading holds the
+    result plus one channel as decoded from its file; no stacked or contiguous copies.
     """
     channel_paths = list(case.channels.values())
     reference_path = channel_paths[0]
-    reference = read_image(reference_path)
+    reference_source, reference_geometry = read_source_array(reference_path)
 
     def on_grid(path: Path, is_label: bool) -> np.ndarray:
-        """The file's canonical array on the reference grid."""
-        image = reference if path == reference_path else read_image(path)
-        problem = image.geometry.same_grid(reference.geometry)
+        """The file's canonical array on the reference grid (a view where possible)."""
+        nonlocal reference_source
+        if path == reference_path and reference_source is not None:
+            source, geometry = reference_source, reference_geometry
+            reference_source = None  # the slot copy is kept; the file's array can go
+        else:
+            source, geometry = read_source_array(path)
+        problem = geometry.same_grid(reference_geometry)
         if problem is None:
-            return image.array
+            return to_canonical(source, geometry)
         if not cfg.resample_channels:
             raise SapError(
                 f"{path} and {reference_path} are on different grids ({problem}); "
                 "set data.resample_channels: true to resample onto the first channel"
             )
-        return _resample_onto(image, reference, is_label)
+        image = Image(np.ascontiguousarray(to_canonical(source, geometry)), geometry, str(path))
+        return _resample_onto(image, reference_geometry, is_label)
 
-    channels = []
-    for path in channel_paths:
-        array = on_grid(path, is_label=False).astype(np.float32, copy=False)
-        if not np.all(np.isfinite(array)):
-            count = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+    shape = reference_geometry.canonical_shape
+    image = np.empty((len(channel_paths), *shape), dtype=np.float32)
+    for c, path in enumerate(channel_paths):
+        image[c] = on_grid(path, is_label=False)  # casts like astype(float32): too large → inf
+        count = _non_finite(image[c])
+        if count:
             raise SapError(f"{path}: {count} NaN/Inf voxels")
         if n4 if n4 is not None else cfg.n4:
-            array = from_sitk(n4_correct(to_sitk(array, reference.geometry)), reference.geometry)
-        channels.append(array)
+            image[c] = from_sitk(n4_correct(to_sitk(image[c], reference_geometry)), reference_geometry)
     lesions = skeleton = None
     if case.lesions is not None:
-        lesions = check_lesion_mask(on_grid(case.lesions, is_label=True), str(case.lesions), binarize=cfg.binarize)
+        mask = np.ascontiguousarray(on_grid(case.lesions, is_label=True))
+        lesions = check_lesion_mask(mask, str(case.lesions), binarize=cfg.binarize)
     if case.skeleton is not None:
-        skeleton = check_skeleton(on_grid(case.skeleton, is_label=True), str(case.skeleton))
-    return LoadedCase(
-        case=case,
-        image=np.stack(channels).astype(np.float32, copy=False),
-        geometry=reference.geometry,
-        lesions=lesions,
-        skeleton=skeleton,
-    )
+        skeleton = check_skeleton(np.ascontiguousarray(on_grid(case.skeleton, is_label=True)), str(case.skeleton))
+    return LoadedCase(case=case, image=image, geometry=reference_geometry, lesions=lesions, skeleton=skeleton)
+
+
+def _non_finite(array: np.ndarray) -> int:
+    """Number of NaN/Inf voxels, checked slab by slab (no full-size boolean mask)."""
+    count = 0
+    step = max(1, (1 << 22) // max(1, int(np.prod(array.shape[1:]))))
+    for start in range(0, array.shape[0], step):
+        slab = array[start : start + step]
+        count += int(slab.size - np.count_nonzero(np.isfinite(slab)))
+    return count
 
 
 def n4_correct(image: sitk.Image, shrink: int = 4, iterations: int = 50) -> sitk.Image:
@@ -118,10 +134,40 @@ def body_mask(image: np.ndarray, modality: str) -> np.ndarray:
         mask = first > 0.05 * high if high > 0 else first > first.min()
     if not mask.any():
         return np.ones(first.shape, dtype=np.uint8)
-    mask = ndimage.binary_closing(mask, iterations=2)
+    # = binary_closing(mask, iterations=2): single iterations take a few boolean volumes, where
+    # scipy's iterated path keeps coordinate lists of ~10 (whole-body inference, SPEC §12)
+    for _ in range(2):
+        mask = ndimage.binary_dilation(mask)
+    for _ in range(2):
+        mask = ndimage.binary_erosion(mask)
     mask = ndimage.binary_fill_holes(mask)
-    largest = cc3d.largest_k(mask.astype(np.uint8), k=1, connectivity=6)
+    release_freed_memory()  # the fill's buffers, before the component labels are allocated
+    largest = cc3d.largest_k(mask, k=1, connectivity=6, binary_image=True)
+    del mask
     return (largest > 0).astype(np.uint8)
+
+
+def release_freed_memory() -> None:
+    """Hand memory that is free inside the C heap back to the system (glibc ``malloc_trim``).
+
+    Freed blocks below glibc's mmap threshold (per-window network tensors, morphology and
+    labelling buffers) stay in the process heap and count as resident, unusable for the next
+    full-size array (a separate mapping); between the stages of a whole-body case that is up to a
+    few hundred MB. A no-op where the C library is not glibc.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None
 
 
 def normalise(
@@ -148,7 +194,8 @@ def normalise(
             lo, hi = cfg.ct_window
             scale = hi - lo if hi > lo else 1.0
         elif method == "percentile":
-            lo, hi = np.percentile(channel[inside], cfg.percentiles)
+            # the masked copy is ours: let percentile partition it in place instead of copying again
+            lo, hi = np.percentile(channel[inside], cfg.percentiles, overwrite_input=True)
             scale = hi - lo if hi > lo else 1.0
         elif method == "zscore":
             values = channel[inside]

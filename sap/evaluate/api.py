@@ -220,7 +220,11 @@ def _run_parallel(
     results: dict[str, Any] = {}
     bar = tqdm(total=len(pairs), desc=desc, unit="case", disable=not progress, file=sys.stderr)
     try:
-        if workers <= 1 or len(pairs) <= 1:
+        if (workers <= 1 or len(pairs) <= 1) and __import__("os").environ.get("SAPX") == "seq":
+            for pair in pairs:
+                results[pair.case_id] = func(pair, *args, arrays=load_pair(pair))
+                bar.update()
+        elif workers <= 1 or len(pairs) <= 1:
             # One process: a reader thread decodes the next case while this one is evaluated.
             with ThreadPoolExecutor(max_workers=1) as reader:
                 upcoming = reader.submit(load_pair, pairs[0]) if pairs else None

@@ -47,6 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--overwrite", action="store_true", help="replace earlier outputs of this method and fold"
     )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    parser.add_argument(
+        "--low-memory",
+        action="store_true",
+        help="on CPU: return freed memory to the OS at once (steps about 25%% slower, less resident memory)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         overwrite=args.overwrite,
         progress=args.progress,
+        keep_memory=not args.low_memory,
     )
     final = ", ".join(
         f"{k} {v:.4f}"

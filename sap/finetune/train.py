@@ -299,6 +299,7 @@ def run_finetune(
     overwrite: bool = False,
     progress: bool = True,
     stop_after: int | None = None,
+    keep_memory: bool = True,
 ) -> FinetuneResult:
     """Fine-tune one lesion model; outputs in ``RUN/{baseline|ssl|sap}/fold_{fold}``.
 
@@ -311,6 +312,8 @@ def run_finetune(
             position, loop position); the resolved config must match the one stored.
         overwrite: replace earlier outputs of this (method, fold).
         stop_after: end after that many steps as if killed (tests of ``--resume``).
+        keep_memory: on CPU, keep freed memory for reuse during the training loop (steps about
+            25 % faster, more resident memory; :func:`sap.models.training.reused_memory`).
 
     Writes ``last.pt`` (with training state) and ``best.pt`` (highest mean validation F2)
     atomically at every validation (every ``finetune.val_every_steps`` steps and after the last),
@@ -325,6 +328,7 @@ def run_finetune(
         make_accelerator,
         prepare_out_dir,
         restore_training_state,
+        reused_memory,
         train_loop,
         training_state,
         warmup_cosine_schedule,
@@ -460,20 +464,21 @@ def run_finetune(
         return values
 
     try:
-        loop = train_loop(
-            model=model,
-            draw_batch=draw_batch,
-            step_fn=step_fn,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            accelerator=accelerator,
-            loop=loop,
-            max_steps=f.max_steps,
-            callbacks=[decoder_lr, every(f.val_every_steps, validate)],
-            logger=logger,
-            desc=f"finetune {method} fold {fold}",
-            stop_after=stop_after,
-        )
+        with reused_memory(keep_memory):
+            loop = train_loop(
+                model=model,
+                draw_batch=draw_batch,
+                step_fn=step_fn,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                accelerator=accelerator,
+                loop=loop,
+                max_steps=f.max_steps,
+                callbacks=[decoder_lr, every(f.val_every_steps, validate)],
+                logger=logger,
+                desc=f"finetune {method} fold {fold}",
+                stop_after=stop_after,
+            )
     finally:
         logger.close()
     seconds = time.perf_counter() - started

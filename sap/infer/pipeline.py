@@ -36,7 +36,7 @@ from sap.config import DataConfig
 from sap.data.cases import Case
 from sap.data.io import Geometry, atomic_write_text, read_image, write_image
 from sap.data.labels import check_skeleton
-from sap.data.preprocess import body_mask, load_case, normalise, resample_to_spacing
+from sap.data.preprocess import body_mask, load_case, normalise, release_freed_memory, resample_to_spacing
 from sap.errors import SapError
 from sap.infer.inputs import InputCase, attach_skeletons, discover_inputs
 from sap.infer.lesions import (
@@ -395,10 +395,12 @@ def infer_case(
     settings = _settings(model, options)
 
     prepared = prepare_image(item.case, model.data)
+    release_freed_memory()
     prob = _engine(model, prepared.image, settings, "foreground", options.progress)
     skeleton = _skeleton_labels(item, prepared, skeletal, model, settings, options.progress) if regions else None
     geometry = prepared.geometry
     del prepared  # the input is no longer needed: free it before post-processing and writing
+    release_freed_memory()
     prob = _back_to_source(prob, geometry.canonical_shape, order=1)
 
     voxel_ml = float(np.prod(geometry.canonical_spacing)) / 1000.0

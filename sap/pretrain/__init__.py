@@ -21,12 +21,12 @@ def run_pretrain(
     overwrite: bool = False,
     progress: bool = True,
     stop_after: int | None = None,
-    keep_memory: bool = False,
+    keep_memory: bool = True,
 ) -> PretrainResult:
     """Run one pretraining stage with a validated config; outputs in ``RUN/pretrain/<stage>``.
 
-    ``keep_memory`` (skeletal stage, CPU only) keeps freed memory for reuse: faster steps, more
-    resident memory; see :func:`sap.models.training.keep_freed_memory`.
+    ``keep_memory`` (skeletal stage, CPU only) keeps freed memory for reuse during the training
+    loop: faster steps, more resident memory; see :func:`sap.models.training.reused_memory`.
     """
     from sap.errors import SapError
 

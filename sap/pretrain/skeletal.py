@@ -26,10 +26,10 @@ from sap.models.training import (
     LoopState,
     RunLogger,
     every,
-    keep_freed_memory,
     make_accelerator,
     prepare_out_dir,
     restore_training_state,
+    reused_memory,
     train_loop,
     training_state,
     warmup_cosine_schedule,
@@ -90,14 +90,14 @@ def train_skeletal(
     overwrite: bool = False,
     progress: bool = True,
     stop_after: int | None = None,
-    keep_memory: bool = False,
+    keep_memory: bool = True,
 ) -> PretrainResult:
     """Run (or resume) skeletal pretraining; outputs in ``RUN/pretrain/skeletal``.
 
     ``stop_after`` ends the run after that many steps as if it had been killed (tests of
     ``--resume``); the outputs then hold the last checkpoint written before it. ``keep_memory``
-    applies :func:`sap.models.training.keep_freed_memory` on CPU (faster steps, more resident
-    memory; it changes the whole process's allocator, so only entry points should ask for it).
+    keeps freed memory for reuse during the CPU training loop (faster steps, more resident
+    memory; :func:`sap.models.training.reused_memory`).
     """
     started = time.perf_counter()
     out = stage_dir(cfg, STAGE)
@@ -107,8 +107,6 @@ def train_skeletal(
         prepare_out_dir(out, resume, overwrite)
     accelerator.wait_for_everyone()
     data = load_stage_data(cfg, need_skeleton=True, progress=progress and main)
-    if keep_memory and accelerator.device.type == "cpu":
-        keep_freed_memory()  # process-wide: the CLI asks for it, library callers opt in
     generator = seed_everything(cfg.pretrain.seed)
     in_channels = len(data.channels)
 
@@ -188,21 +186,22 @@ def train_skeletal(
         return values
 
     try:
-        loop = train_loop(
-            model=model,
-            draw_batch=draw_batch,
-            step_fn=step_fn,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            accelerator=accelerator,
-            loop=loop,
-            max_steps=cfg.pretrain.max_steps,
-            callbacks=[every(cfg.pretrain.val_every_steps, validate)],
-            logger=logger,
-            desc="pretrain skeletal",
-            stop_after=stop_after,
-            progress=progress,
-        )
+        with reused_memory(keep_memory):
+            loop = train_loop(
+                model=model,
+                draw_batch=draw_batch,
+                step_fn=step_fn,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                accelerator=accelerator,
+                loop=loop,
+                max_steps=cfg.pretrain.max_steps,
+                callbacks=[every(cfg.pretrain.val_every_steps, validate)],
+                logger=logger,
+                desc="pretrain skeletal",
+                stop_after=stop_after,
+                progress=progress,
+            )
     finally:
         logger.close()
     summary = {
