@@ -220,20 +220,13 @@ def _run_parallel(
     results: dict[str, Any] = {}
     bar = tqdm(total=len(pairs), desc=desc, unit="case", disable=not progress, file=sys.stderr)
     try:
-        if (workers <= 1 or len(pairs) <= 1) and __import__("os").environ.get("SAPX") == "seq":
+        if workers <= 1 or len(pairs) <= 1:
+            # One process, one case at a time. No reader thread prefetching the next case: decoding
+            # is a small share now, and that thread waited for the GIL through every cc3d call
+            # (which holds it), so prefetching made whole runs slower, not faster.
             for pair in pairs:
                 results[pair.case_id] = func(pair, *args, arrays=load_pair(pair))
                 bar.update()
-        elif workers <= 1 or len(pairs) <= 1:
-            # One process: a reader thread decodes the next case while this one is evaluated.
-            with ThreadPoolExecutor(max_workers=1) as reader:
-                upcoming = reader.submit(load_pair, pairs[0]) if pairs else None
-                for i, pair in enumerate(pairs):
-                    arrays = upcoming.result()  # type: ignore[union-attr]
-                    upcoming = reader.submit(load_pair, pairs[i + 1]) if i + 1 < len(pairs) else None
-                    results[pair.case_id] = func(pair, *args, arrays=arrays)
-                    del arrays
-                    bar.update()
         else:
             with ProcessPoolExecutor(max_workers=min(workers, len(pairs))) as pool:
                 futures = {pool.submit(func, pair, *args): pair.case_id for pair in pairs}
