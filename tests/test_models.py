@@ -15,6 +15,7 @@ from sap.models.swin import (
     LegacyPatchMerging,
     build_swin_unetr,
     encoder_features,
+    init_output_prior,
     parameter_groups,
     patch_merging_layout,
     resolve_layout,
@@ -108,3 +109,27 @@ def test_parameter_groups_follow_patterns(tiny_cfg):
     assert len(encoder2) < len(encoder) and len(decoder2) > len(decoder)
     with pytest.raises(SapError, match="encoder_patterns"):
         parameter_groups(model, ["nothing_matches."])
+
+
+def test_output_prior_makes_the_untrained_network_predict_the_label_frequencies(tiny_cfg):
+    torch.manual_seed(0)
+    model = build_swin_unetr(tiny_cfg.model, in_channels=1, out_channels=3).eval()
+    bias = init_output_prior(model, [960, 40, 0])
+    expected = torch.log(torch.tensor([0.96, 0.04, 1e-4]))
+    assert torch.allclose(bias, expected, atol=1e-6)
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.randn(1, 1, 64, 64, 64)), dim=1).mean(dim=(0, 2, 3, 4))
+    # random weights add noise around the prior, but background dominates as in the labels
+    assert probs[0] > 0.8 and probs[2] < probs[1] < probs[0]
+    with pytest.raises(SapError, match="2 counts for 3 output channels"):
+        init_output_prior(model, [1, 1])
+
+
+def test_num_heads_must_divide_the_stage_widths(tiny_cfg):
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.model.num_heads = [5, 2, 4, 8]
+    with pytest.raises(SapError, match="num_heads"):
+        build_swin_unetr(cfg.model, in_channels=1, out_channels=2)
+    cfg.model.num_heads = [3, 6, 12, 24]
+    model = build_swin_unetr(cfg.model, in_channels=1, out_channels=2)
+    assert model.swinViT.layers1[0].blocks[0].attn.num_heads == 3

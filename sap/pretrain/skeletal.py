@@ -1,7 +1,8 @@
 """``sap pretrain --stage skeletal``: supervised anatomical pretraining (SPEC §6).
 
-A 10-class Swin UNETR (background + nine skeleton regions) is trained on the healthy cohort with
-Dice+CE on class-balanced patches (:class:`sap.sampling.ClassBalancedSampler`: a class drawn
+A 10-class Swin UNETR (background + nine skeleton regions), its output bias set to the log class
+frequencies of the training exams (:func:`sap.models.swin.init_output_prior`), is trained on the
+healthy cohort with Dice+CE on class-balanced patches (:class:`sap.sampling.ClassBalancedSampler`: a class drawn
 uniformly among those present, then a voxel of it as patch centre). Every
 ``pretrain.val_every_steps`` and after the last step the validation exams are predicted whole with
 the sliding-window engine and scored (per-class Dice, whole-skeleton Dice); ``best.pt`` keeps the
@@ -21,7 +22,7 @@ from monai.losses import DiceCELoss
 from sap.config import Config
 from sap.errors import SapError
 from sap.models.engine import sliding_window_predict
-from sap.models.swin import build_swin_unetr
+from sap.models.swin import build_swin_unetr, init_output_prior
 from sap.models.training import (
     LoopState,
     RunLogger,
@@ -71,6 +72,14 @@ def validate_skeleton(model: torch.nn.Module, cases: list[Any], cfg: Config) -> 
     return score_cases(preds, [np.asarray(case.skeleton) for case in cases])
 
 
+def skeleton_class_counts(cases: list[Any]) -> np.ndarray:
+    """Voxels per class 0-9 over the cached skeleton label maps of ``cases``."""
+    counts = np.zeros(N_CLASSES, np.int64)
+    for case in cases:
+        counts += np.bincount(np.asarray(case.skeleton).ravel(), minlength=N_CLASSES)[:N_CLASSES]
+    return counts
+
+
 def log_columns() -> list[str]:
     from sap.data.labels import SKELETON_CLASSES
 
@@ -111,6 +120,8 @@ def train_skeletal(
     in_channels = len(data.channels)
 
     model = build_swin_unetr(cfg.model, in_channels, N_CLASSES)
+    # start from the label prior of the training exams (same on every rank; --resume overwrites it)
+    init_output_prior(model, skeleton_class_counts(data.train))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain.lr, weight_decay=cfg.pretrain.weight_decay)
     scheduler = warmup_cosine_schedule(optimizer, cfg.pretrain.max_steps, cfg.pretrain.warmup_fraction)
     sampler = ClassBalancedSampler(
