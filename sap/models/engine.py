@@ -113,9 +113,10 @@ def _normalise_by_weights(
     plane = max(1, shape[1] * shape[2])
     step = max(1, min(_SLAB_VOXELS // plane, shape[0] // 8))  # a slab is at most 1/8 of the volume
     clipped = [_clip(w, pad_before, shape) for w in windows]
+    buffer = torch.empty((step, *shape[1:]), dtype=out.dtype)  # one slab, reused
     for start in range(0, shape[0], step):
         stop = min(start + step, shape[0])
-        total = torch.zeros((stop - start, *shape[1:]), dtype=out.dtype)
+        total = buffer[: stop - start].zero_()
         for inside, local in clipped:
             lo, hi = max(inside[0].start, start), min(inside[0].stop, stop)
             if lo >= hi:
