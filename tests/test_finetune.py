@@ -189,6 +189,9 @@ def test_sap_fold_writes_checkpoints_and_resume_repeats_the_run(cohort, tmp_path
     assert [int(r["step"]) for r in rows] == [1, 2, 3]
     assert rows[0]["val_cases"] == "" and rows[1]["val_cases"] == "1"  # validated at step 2 …
     assert rows[2]["val_cases"] == "1"  # … and after the last step, on one validation exam
+    # the new head started at the lesion prior (lesions are a small share of voxels), not at 50 %
+    head_bias = last["state_dict"]["out.conv.conv.bias"]
+    assert float(head_bias[0] - head_bias[1]) > 3.0
     # the fine-tuned weights moved away from the skeletal ones
     assert not torch.equal(last["state_dict"]["decoder1.conv_block.conv1.conv.weight"],
                            _weights(skeletal)["decoder1.conv_block.conv1.conv.weight"])  # fmt: skip
@@ -223,3 +226,17 @@ def test_bad_input_is_refused_with_one_line(cohort, tmp_path):
     no_run.out = None
     with pytest.raises(SapError, match="--out"):
         run_finetune(no_run, "scratch", 1, progress=False)
+
+
+def test_lesion_class_counts_over_cached_masks():
+    from types import SimpleNamespace
+
+    from sap.finetune.train import lesion_class_counts
+
+    mask = np.zeros((4, 5, 6), np.uint8)
+    mask[0, 0, :3] = 1
+    cases = [
+        SimpleNamespace(lesions=mask, shape=mask.shape),
+        SimpleNamespace(lesions=None, shape=(2, 2, 2)),  # a lesion-free exam without a mask file
+    ]
+    assert lesion_class_counts(cases).tolist() == [120 + 8 - 3, 3]

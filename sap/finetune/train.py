@@ -168,6 +168,13 @@ def build_model(
     return model
 
 
+def lesion_class_counts(cases: list[CachedCase]) -> np.ndarray:
+    """(background, lesion) voxel counts over the cached lesion masks of ``cases``."""
+    lesion = sum(int(np.count_nonzero(np.asarray(c.lesions))) for c in cases if c.lesions is not None)
+    total = sum(int(np.prod(c.shape)) for c in cases)
+    return np.array([total - lesion, lesion], np.int64)
+
+
 @dataclass
 class FoldData:
     """Cached training and validation exams of one test fold."""
@@ -321,6 +328,7 @@ def run_finetune(
     """
     from monai.losses import DiceCELoss
 
+    from sap.models.swin import init_output_prior
     from sap.models.training import (
         LoopState,
         RunLogger,
@@ -374,6 +382,9 @@ def run_finetune(
         load_weights(model, checkpoint, expect="full", verbose=False)
     else:
         model = build_model(cfg, init, len(data.channels), pretrained, verbose=main)
+        # the new 2-class head starts at the lesion prior, equally for every init: from zero it
+        # predicts 50 % lesion everywhere and Adam needs hundreds of steps only to unlearn that
+        init_output_prior(model, lesion_class_counts(data.train))
     optimizer = build_optimizer(model, cfg, init)
     scheduler = warmup_cosine_schedule(optimizer, f.max_steps, f.warmup_fraction)
     sampler = build_sampler(
