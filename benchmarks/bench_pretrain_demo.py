@@ -59,9 +59,12 @@ def peer_loop(steps: int, ssl: bool) -> float:
     from monai.losses import DiceCELoss
     from monai.networks.nets import SwinUNETR
 
+    from sap.config import load_config
+
+    demo = load_config(str(REPO / "configs" / "demo.yaml")).model  # the same network as the demo preset
     torch.manual_seed(0)
-    model = SwinUNETR(in_channels=2, out_channels=10, feature_size=12)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model = SwinUNETR(in_channels=2, out_channels=10, feature_size=demo.feature_size, num_heads=tuple(demo.num_heads))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     batch = 4 if ssl else 1  # SSL: 2 crops x 2 views through the encoder
     x = torch.rand(batch, 2, 64, 64, 64)

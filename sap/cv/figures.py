@@ -158,6 +158,7 @@ def volume_figure(cumulative: Mapping[str, dict], gt_volumes: np.ndarray, path: 
     ax_sens.set_ylim(0, 1.05)
     ax_sens.set_ylabel("sensitivity (lesions ≥ V, pooled)")
     ax_fp.set_ylabel("false positives ≥ V per exam")
+    ax_fp.set_ylim(bottom=0)  # counts: no negative axis when every curve is 0
     ax_hist.axvline(volume_threshold_ml, color="k", lw=0.8, ls="--")
     lines = ax_sens.get_legend_handles_labels()
     lines2 = ax_fp.get_legend_handles_labels()
@@ -191,6 +192,7 @@ def region_figure(table: Any, path: Path) -> Path:
     ax_s.set_ylabel("sensitivity (pooled)")
     ax_s.set_title("Sensitivity per skeletal region", fontsize=10)
     ax_f.set_ylabel("false positives per exam")
+    ax_f.set_ylim(bottom=0)
     ax_f.set_title("False positives per region", fontsize=10)
     ax_f.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
