@@ -104,6 +104,9 @@ class FinetuneConfig:
     val_every_steps: int = 1000
     batch_size: int = 2
     sampler: str = "instance"  #: instance | posneg
+    #: start the new 2-class head at the training folds' lesion prior (every init alike); false
+    #: keeps MONAI's initialisation, which predicts about 50 % lesion everywhere at first
+    prior_head: bool = True
     neg_ratio: float = 1.0
     val_fraction: float = 0.1
     num_workers: int = 0

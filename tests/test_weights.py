@@ -76,7 +76,8 @@ def test_monai_ssl_layout_matches_monai_load_from(cfg, source_model):
     n_swin = sum(k.startswith("swinViT.") for k in ours.state_dict())
     assert len(report.loaded) == report.n_expected == n_swin
     # independent peer: MONAI's own reader of this layout
-    peer = SwinUNETR(in_channels=2, out_channels=3, feature_size=cfg.model.feature_size)
+    peer = SwinUNETR(in_channels=2, out_channels=3, feature_size=cfg.model.feature_size,
+                     num_heads=tuple(cfg.model.num_heads))
     peer.load_from(weights)
     peer_state = peer.state_dict()
     assert all(torch.equal(ours.state_dict()[k], peer_state[k]) for k in ours.state_dict() if k.startswith("swinViT."))

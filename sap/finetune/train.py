@@ -384,7 +384,8 @@ def run_finetune(
         model = build_model(cfg, init, len(data.channels), pretrained, verbose=main)
         # the new 2-class head starts at the lesion prior, equally for every init: from zero it
         # predicts 50 % lesion everywhere and Adam needs hundreds of steps only to unlearn that
-        init_output_prior(model, lesion_class_counts(data.train))
+        if f.prior_head:
+            init_output_prior(model, lesion_class_counts(data.train))
     optimizer = build_optimizer(model, cfg, init)
     scheduler = warmup_cosine_schedule(optimizer, f.max_steps, f.warmup_fraction)
     sampler = build_sampler(
