@@ -20,7 +20,7 @@ import sap.data.preprocess as preprocess
 from sap.config import DataConfig
 from sap.data.cases import Case
 from sap.data.io import make_geometry
-from sap.data.preprocess import release_freed_memory
+from sap.memory import release_freed_memory
 from sap.models.engine import sliding_window_predict
 
 SHAPE = (48, 56, 120)

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from sap.errors import SapError
+from sap.memory import glibc
 from sap.models.training import (
     LoopState,
     RunLogger,
-    _glibc,
     capture_rng,
     every,
     make_accelerator,
@@ -161,7 +161,7 @@ def _rss_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or _glibc() is None, reason="glibc malloc only")
+@pytest.mark.skipif(not sys.platform.startswith("linux") or glibc() is None, reason="glibc malloc only")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU training only: a GPU run keeps glibc's defaults")
 def test_reused_memory_keeps_freed_memory_then_hands_it_back():
     size = 256 * 2**20

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import cc3d
 import numpy as np
@@ -23,6 +22,7 @@ from sap.data.cases import Case
 from sap.data.io import Geometry, Image, from_sitk, read_source_array, to_canonical, to_sitk
 from sap.data.labels import check_lesion_mask, check_skeleton
 from sap.errors import SapError
+from sap.memory import release_freed_memory
 
 
 @dataclass
@@ -147,27 +147,6 @@ def body_mask(image: np.ndarray, modality: str) -> np.ndarray:
     return (largest > 0).astype(np.uint8)
 
 
-def release_freed_memory() -> None:
-    """Hand memory that is free inside the C heap back to the system (glibc ``malloc_trim``).
-
-    Freed blocks below glibc's mmap threshold (per-window network tensors, morphology and
-    labelling buffers) stay in the process heap and count as resident, unusable for the next
-    full-size array (a separate mapping); between the stages of a whole-body case that is up to a
-    few hundred MB. A no-op where the C library is not glibc.
-    """
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            import ctypes
-
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim: Any = None
 
 
 def normalise(

@@ -36,7 +36,7 @@ from sap.config import DataConfig
 from sap.data.cases import Case
 from sap.data.io import Geometry, atomic_write_text, read_image, write_image
 from sap.data.labels import check_skeleton
-from sap.data.preprocess import body_mask, load_case, normalise, release_freed_memory, resample_to_spacing
+from sap.data.preprocess import body_mask, load_case, normalise, resample_to_spacing
 from sap.errors import SapError
 from sap.infer.inputs import InputCase, attach_skeletons, discover_inputs
 from sap.infer.lesions import (
@@ -48,6 +48,7 @@ from sap.infer.lesions import (
     to_csv,
 )
 from sap.infer.model import InferenceModel, load_model, same_preprocessing
+from sap.memory import release_freed_memory
 from sap.models.engine import sliding_window_predict
 
 README_NAME = "README.txt"

@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sap.errors import SapError
+from sap.memory import keep_freed_memory, return_freed_memory
 
 
 # ------------------------------------------------------------------------------------ schedule
@@ -70,55 +71,9 @@ def make_accelerator(amp: bool = True) -> Any:
     return Accelerator(cpu=not cuda, mixed_precision="fp16" if (amp and cuda) else "no")
 
 
-def _glibc() -> Any:
-    import ctypes
-    import ctypes.util
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        if not (hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim")):
-            return None  # not glibc (musl, ...)
-    except (OSError, AttributeError):
-        return None
-    return libc
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-
-
-def keep_freed_memory() -> bool:
-    """On glibc, serve large allocations from the heap and never trim it (``mallopt``).
-
-    CPU training allocates the same large activations every step; by default glibc hands each
-    one out as a fresh ``mmap`` and returns it on free, so every step pays page faults for
-    zeroed pages (a quarter of the CPU time of a demo-scale Swin UNETR step, measured single
-    threaded: 3.0 → 2.35 CPU-s). Freed memory is kept for reuse instead. The price is resident
-    memory (a demo skeletal step: about 2.3 instead of 1.8 GB, stable after a few steps).
-    Process-wide until :func:`return_freed_memory`; prefer :func:`reused_memory`. Returns whether
-    it applied.
-    """
-    libc = _glibc()
-    if libc is None:
-        return False
-    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
-
-
-def return_freed_memory() -> None:
-    """Undo :func:`keep_freed_memory`: glibc's default mmap count and trim threshold, and the
-    kept heap handed back to the OS."""
-    libc = _glibc()
-    if libc is not None:
-        libc.mallopt(_M_MMAP_MAX, 65536)
-        libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
-        libc.malloc_trim(0)
-
-
 @contextlib.contextmanager
 def reused_memory(enabled: bool = True) -> Iterator[bool]:
-    """:func:`keep_freed_memory` for the duration of a CPU training loop, then restore.
+    """:func:`sap.memory.keep_freed_memory` for the duration of a CPU training loop, then restore.
 
     Not for SSL pretraining: its four differently shaped views fragment a never-trimmed heap and
     resident memory keeps growing (4.5 → 9.6 GB in three demo steps, measured).
