@@ -336,7 +336,6 @@ def run_finetune(
         make_accelerator,
         prepare_out_dir,
         restore_training_state,
-        reused_memory,
         train_loop,
         training_state,
         warmup_cosine_schedule,
@@ -476,21 +475,21 @@ def run_finetune(
         return values
 
     try:
-        with reused_memory(keep_memory):
-            loop = train_loop(
-                model=model,
-                draw_batch=draw_batch,
-                step_fn=step_fn,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                accelerator=accelerator,
-                loop=loop,
-                max_steps=f.max_steps,
-                callbacks=[decoder_lr, every(f.val_every_steps, validate)],
-                logger=logger,
-                desc=f"finetune {method} fold {fold}",
-                stop_after=stop_after,
-            )
+        loop = train_loop(
+            model=model,
+            draw_batch=draw_batch,
+            step_fn=step_fn,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            accelerator=accelerator,
+            loop=loop,
+            max_steps=f.max_steps,
+            callbacks=[decoder_lr, every(f.val_every_steps, validate)],
+            logger=logger,
+            desc=f"finetune {method} fold {fold}",
+            stop_after=stop_after,
+            reuse_memory=keep_memory,
+        )
     finally:
         logger.close()
     seconds = time.perf_counter() - started

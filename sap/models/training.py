@@ -269,6 +269,7 @@ def train_loop(
     desc: str = "training",
     stop_after: int | None = None,
     progress: bool = True,
+    reuse_memory: bool = False,
 ) -> LoopState:
     """Run optimiser steps ``loop.step + 1 … max_steps``.
 
@@ -277,12 +278,13 @@ def train_loop(
     batches. ``step_fn(model, batch)`` returns (loss, values to log). Callbacks run after each
     step (validation, checkpoints) and their values are logged at that step. ``stop_after``
     ends the loop early after that step (used to test ``--resume``) without the final callbacks.
-    ``progress`` shows a tqdm bar (main process only).
+    ``progress`` shows a tqdm bar (main process only). ``reuse_memory`` runs the loop inside
+    :func:`reused_memory` (CPU only; not for SSL's differently shaped views).
     """
     callbacks = list(callbacks)
     show = progress and getattr(accelerator, "is_main_process", True)
     bar = tqdm(total=max_steps, initial=loop.step, desc=desc, disable=not show, dynamic_ncols=True)
-    try:
+    with contextlib.closing(bar), reused_memory(reuse_memory):
         while loop.step < max_steps:
             model.train()
             batch = draw_batch()
@@ -308,8 +310,6 @@ def train_loop(
             bar.update(1)
             if stop_after is not None and loop.step >= stop_after:
                 break
-    finally:
-        bar.close()
     return loop
 
 

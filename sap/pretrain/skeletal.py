@@ -30,7 +30,6 @@ from sap.models.training import (
     make_accelerator,
     prepare_out_dir,
     restore_training_state,
-    reused_memory,
     train_loop,
     training_state,
     warmup_cosine_schedule,
@@ -197,22 +196,22 @@ def train_skeletal(
         return values
 
     try:
-        with reused_memory(keep_memory):
-            loop = train_loop(
-                model=model,
-                draw_batch=draw_batch,
-                step_fn=step_fn,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                accelerator=accelerator,
-                loop=loop,
-                max_steps=cfg.pretrain.max_steps,
-                callbacks=[every(cfg.pretrain.val_every_steps, validate)],
-                logger=logger,
-                desc="pretrain skeletal",
-                stop_after=stop_after,
-                progress=progress,
-            )
+        loop = train_loop(
+            model=model,
+            draw_batch=draw_batch,
+            step_fn=step_fn,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            accelerator=accelerator,
+            loop=loop,
+            max_steps=cfg.pretrain.max_steps,
+            callbacks=[every(cfg.pretrain.val_every_steps, validate)],
+            logger=logger,
+            desc="pretrain skeletal",
+            stop_after=stop_after,
+            progress=progress,
+            reuse_memory=keep_memory,
+        )
     finally:
         logger.close()
     summary = {

@@ -120,7 +120,7 @@ def train_ssl(
     """Run (or resume) SSL pretraining; outputs in ``RUN/pretrain/ssl``."""
     started = time.perf_counter()
     out = stage_dir(cfg, STAGE)
-    # No reused_memory() here: with four views the attention buffers fragment a never-trimmed
+    # train_loop(reuse_memory=...) stays off here: with four views the attention buffers fragment a never-trimmed
     # heap and resident memory keeps growing (4.5 → 9.6 GB in three demo steps, measured).
     accelerator = make_accelerator(cfg.pretrain.amp)
     main = accelerator.is_main_process
