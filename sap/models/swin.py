@@ -113,8 +113,9 @@ def build_swin_unetr(
 ) -> SwinUNETR:
     """Swin UNETR from the ``model`` config section.
 
-    ``model_cfg`` needs ``feature_size`` (multiple of 12), ``drop_rate``, ``attn_drop_rate``,
-    ``dropout_path_rate``, ``use_checkpoint`` and ``patch_merging`` (auto | legacy | current).
+    ``model_cfg`` needs ``feature_size`` (multiple of 12), ``num_heads``, ``drop_rate``,
+    ``attn_drop_rate``, ``dropout_path_rate``, ``use_checkpoint`` and ``patch_merging`` (auto |
+    legacy | current).
     ``patch_merging`` (the argument) overrides the config's ``auto``: pass the layout of the
     weights about to be loaded. Inputs are ``(B, in_channels, X, Y, Z)`` with X, Y, Z divisible
     by 32; outputs are logits ``(B, out_channels, X, Y, Z)``.
@@ -123,7 +124,7 @@ def build_swin_unetr(
         raise SapError(f"Swin UNETR needs at least one input and output channel, got {in_channels}/{out_channels}")
     if model_cfg.feature_size % 12:
         raise SapError(f"model.feature_size: {model_cfg.feature_size} must be a multiple of 12")
-    heads = list(getattr(model_cfg, "num_heads", None) or (3, 6, 12, 24))
+    heads = list(model_cfg.num_heads)  # a ModelConfig: older stored configs get its default
     widths = [model_cfg.feature_size * 2**stage for stage in range(4)]
     if len(heads) != 4 or any(h < 1 or w % h for h, w in zip(heads, widths, strict=False)):
         raise SapError(
