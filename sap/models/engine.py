@@ -101,18 +101,17 @@ def _clip(window: tuple[slice, ...], pad_before: Sequence[int], shape: Sequence[
 @torch.no_grad()
 def _normalise_by_weights(
     out: torch.Tensor,
-    windows: list[tuple[slice, ...]],
+    clipped: list[tuple[tuple[slice, ...], tuple[slice, ...]]],
     weight: torch.Tensor,
-    pad_before: Sequence[int],
 ) -> None:
     """Divide the blended sums by the sum of window weights, slab by slab along the first axis.
 
-    Each slab's weight sum adds the windows that touch it in the windows' order, exactly as
-    MONAI's full-size count map would, without holding that map."""
+    ``clipped`` holds every window as :func:`_clip` gives it. Each slab's weight sum adds the
+    windows that touch it in the windows' order, exactly as MONAI's full-size count map would,
+    without holding that map."""
     shape = out.shape[1:]
     plane = max(1, shape[1] * shape[2])
     step = max(1, min(_SLAB_VOXELS // plane, shape[0] // 8))  # a slab is at most 1/8 of the volume
-    clipped = [_clip(w, pad_before, shape) for w in windows]
     buffer = torch.empty((step, *shape[1:]), dtype=out.dtype)  # one slab, reused
     for start in range(0, shape[0], step):
         stop = min(start + step, shape[0])
@@ -178,6 +177,7 @@ def sliding_window_predict(
     shape = tuple(int(s) for s in array.shape[1:])
     sw_device = torch.device(sw_device) if sw_device is not None else default_device()
     pad_before, windows = _window_grid(shape, roi, overlap)
+    clipped_windows = [_clip(w, pad_before, shape) for w in windows]
     # float32 like MONAI's map for float32 input; computed where the network runs, as MONAI does
     weight_sw = compute_importance_map(roi, mode="gaussian", sigma_scale=0.125, device=sw_device, dtype=torch.float32)
     weight = weight_sw.cpu()
@@ -194,14 +194,13 @@ def sliding_window_predict(
         starts = tqdm(starts, unit="batch")
     try:
         for first in starts:
-            group = windows[first : first + sw_batch_size]
-            clipped = [_clip(w, pad_before, shape) for w in group]
+            clipped = clipped_windows[first : first + sw_batch_size]
             # one reused input buffer; windows reaching into the padding see zeros there
             for b, (inside, local) in enumerate(clipped):
                 if any(sl.stop - sl.start != r for sl, r in zip(inside, roi, strict=True)):
                     batch[b].zero_()
                 batch[b][(slice(None), *local)].copy_(array[(slice(None), *inside)])
-            pred = predictor(batch[: len(group)].to(sw_device))
+            pred = predictor(batch[: len(clipped)].to(sw_device))
             if tuple(pred.shape[2:]) != roi:
                 raise SapError(f"the network's output {tuple(pred.shape[2:])} is not the window size {roi}")
             pred *= weight_sw
@@ -214,6 +213,6 @@ def sliding_window_predict(
     finally:
         model.train(was_training)
     assert out is not None
-    _normalise_by_weights(out, windows, weight, pad_before)
+    _normalise_by_weights(out, clipped_windows, weight)
     result = out[0] if output == "foreground" else out
     return result.numpy()
