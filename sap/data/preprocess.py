@@ -147,8 +147,6 @@ def body_mask(image: np.ndarray, modality: str) -> np.ndarray:
     return (largest > 0).astype(np.uint8)
 
 
-
-
 def normalise(
     image: np.ndarray, body: np.ndarray, cfg: DataConfig, out: np.ndarray | None = None
 ) -> np.ndarray:
@@ -171,22 +169,21 @@ def normalise(
         method = cfg.normalization
         if method == "ct_window" or (method == "percentile" and cfg.modality == "ct"):
             lo, hi = cfg.ct_window
-            scale = hi - lo if hi > lo else 1.0
         elif method == "percentile":
             # the masked copy is ours: let percentile partition it in place instead of copying again
             lo, hi = np.percentile(channel[inside], cfg.percentiles, overwrite_input=True)
-            scale = hi - lo if hi > lo else 1.0
         elif method == "zscore":
             values = channel[inside]
             lo, std = float(values.mean()), float(values.std())
-            hi, scale = None, (std if std > 0 else 1.0)
+            hi, scale = None, (std if std > 0 else 1.0)  # window bounds get their scale below
         else:
             if target is not channel:
                 target[...] = channel
             continue
         # float32 bounds: the clipped minimum then maps to exactly 0 and the maximum to exactly 1
-        lo, scale = np.float32(lo), np.float32(scale)
+        lo = np.float32(lo)
         if hi is None:
+            scale = np.float32(scale)
             np.subtract(channel, lo, out=target, casting="unsafe")
         else:
             hi = np.float32(hi)
