@@ -101,14 +101,17 @@ def settings_hash(cfg: Config, sections: tuple[str, ...]) -> str:
 
 
 #: what each kind of step depends on (a change elsewhere leaves its results valid)
-PRETRAIN_SECTIONS = ("scale", "data", "model", "pretrain")
+_NETWORK_SECTIONS = ("scale", "data", "model")
 _FOLD_EXTRA = ("finetune", "infer", "cv.k", "cv.seed", "cv.tuning_in_training", "cv.checkpoint")
+PRETRAIN_SECTIONS = (*_NETWORK_SECTIONS, "pretrain")
+FOLD_SECTIONS = (*PRETRAIN_SECTIONS, *_FOLD_EXTRA)
+STUDY_SECTIONS = (*FOLD_SECTIONS, "evaluate", "tuning", "cv.threshold")
 
 
 def pretrain_hash(cfg: Config, stage: str) -> str:
     """Settings a pretraining stage depends on: the SSL options only matter to the ``ssl`` stage."""
     pretrain = {k: v for k, v in cfg.to_dict()["pretrain"].items() if stage == "ssl" or k != "ssl"}
-    return hashlib.sha256(json.dumps([stage, settings_hash(cfg, ("scale", "data", "model")), pretrain],
+    return hashlib.sha256(json.dumps([stage, settings_hash(cfg, _NETWORK_SECTIONS), pretrain],
                                      sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -116,11 +119,8 @@ def fold_hash(cfg: Config, method: str) -> str:
     """Settings a fine-tuned fold (and its predictions) depends on, pretraining included when the
     method starts from pretrained weights."""
     stage = PRETRAIN_OF[method]
-    base = settings_hash(cfg, ("scale", "data", "model", *_FOLD_EXTRA))
+    base = settings_hash(cfg, (*_NETWORK_SECTIONS, *_FOLD_EXTRA))
     return base if stage is None else hashlib.sha256(f"{base}:{pretrain_hash(cfg, stage)}".encode()).hexdigest()[:16]
-FOLD_SECTIONS = (*PRETRAIN_SECTIONS, "finetune", "infer", "cv.k", "cv.seed", "cv.tuning_in_training",
-                 "cv.checkpoint")
-STUDY_SECTIONS = (*FOLD_SECTIONS, "evaluate", "tuning", "cv.threshold")
 
 
 @dataclass(frozen=True)
