@@ -145,6 +145,8 @@ def load_model(path: str | Path, expect_kind: str | None = None) -> InferenceMod
         model.min_volume_ml = bundle.min_volume_ml
         model.info["bundle_method"] = bundle.method
         model.info["n_models"] = len(bundle.model_paths)
+        if bundle.synthetic:
+            model.info["synthetic"] = bundle.synthetic_text()
     elif path.is_dir():
         raise SapError(f"{path}: a folder that is not a sap bundle (no bundle.json); pass a checkpoint file or a bundle")
     else:

@@ -462,6 +462,10 @@ def run_inference(
     out = Path(out)
     lesion_model = model if isinstance(model, InferenceModel) else load_model(model, expect_kind="lesion")
     _settings(lesion_model, options)  # bad settings fail before any work
+    if lesion_model.info.get("synthetic"):
+        print(f"sap infer: warning: {lesion_model.source} was trained on synthetic data "
+              f"({lesion_model.info['synthetic']}), not on patients: its outputs show the pipeline, not findings",
+              file=sys.stderr)
     skeletal = None
     if skeleton is not None and skeletal_model is not None:
         raise SapError("pass either a skeletal model or skeleton labels, not both")

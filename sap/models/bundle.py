@@ -6,7 +6,9 @@ A bundle is a folder::
       bundle.json     {"format": "sap-bundle", "version": 1, "method": "sap",
                        "models": ["fold_1.pt", "fold_2.pt", …], "threshold": 0.45,
                        "min_volume_ml": 0.0, "channels": ["T1", "b1000"],
-                       "research_use_only": true, "note": "…"}
+                       "research_use_only": true, "note": "…",
+                       "synthetic": true, "synthetic_data": {"source": "sap synth",
+                                       "preset": "demo", "seed": 0, …}}   (synthetic training data only)
       fold_1.pt       sap checkpoints (:func:`sap.models.weights.make_checkpoint`)
       fold_2.pt
       …
@@ -14,6 +16,9 @@ A bundle is a folder::
 The fold models form an ensemble: inference averages their foreground probabilities (mean), then
 applies the bundle's ``threshold`` and ``min_volume_ml`` (tuned for the ensemble), which take
 precedence over the values stored in the individual fold checkpoints.
+
+A bundle whose models were trained on a ``sap synth`` cohort says so (``"synthetic": true`` and
+what the cohort recorded of its making); ``sap infer`` warns when it loads one.
 """
 
 from __future__ import annotations
@@ -48,6 +53,22 @@ class Bundle:
     channels: list[str]
     research_use_only: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def synthetic(self) -> bool:
+        """True when the models were trained on synthetic data (``"synthetic": true``)."""
+        return bool(self.extra.get("synthetic", False))
+
+    def synthetic_text(self) -> str:
+        """What ``bundle.json`` records of the synthetic training data ("sap synth cohort, preset
+        demo, seed 0"); empty for a bundle trained on real data."""
+        if not self.synthetic:
+            return ""
+        info = self.extra.get("synthetic_data")
+        info = info if isinstance(info, dict) else {}
+        parts = [f"{info.get('source', 'sap synth')} cohort"]
+        parts += [f"{k} {info[k]}" for k in ("preset", "seed") if info.get(k) is not None]
+        return ", ".join(parts)
 
     def checkpoints(self) -> list[dict[str, Any]]:
         """Load every fold checkpoint, checking that each one's channels match the bundle's."""
@@ -88,7 +109,8 @@ def write_bundle(
         threshold: operating threshold in [0, 1] tuned for the ensemble (mean probability).
         min_volume_ml: components smaller than this (mL) are dropped at inference (≥ 0).
         method: the initialisation the models come from (``baseline``, ``ssl``, ``sap``).
-        extra: further JSON-serialisable entries for ``bundle.json`` (e.g. the tuning objective).
+        extra: further JSON-serialisable entries for ``bundle.json`` (e.g. the tuning objective;
+            ``synthetic=True, synthetic_data={...}`` for models trained on synthetic data).
 
     The folder is built under a temporary sibling and renamed into place, so a crash never
     leaves half a bundle. Returns the bundle folder.
