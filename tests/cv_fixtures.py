@@ -61,13 +61,21 @@ def fabricate_probability(gt: np.ndarray, method: str, seed: int) -> np.ndarray:
     return prob
 
 
-def make_fake_study(root: Path, methods=("baseline", "sap"), threshold_mode: str = "shared"):
-    """A Study over a 9-patient cohort with fabricated predictions for every fold (no training)."""
+def make_fake_study(root: Path, methods=("baseline", "sap"), threshold_mode: str = "shared",
+                    overrides: list[str] | None = None, cohort_json: dict | None = None):
+    """A Study over a 9-patient cohort with fabricated predictions for every fold (no training).
+
+    ``cohort_json``: written as the cohort's ``cohort.json`` (what ``sap synth`` records)."""
+    import json
+
     from sap.cv.study import Study
 
     cohort = write_study_cohort(root / "cohort")
+    if cohort_json is not None:
+        (cohort / "cohort.json").write_text(json.dumps(cohort_json))
+    # the fixture's lesions (0.06-1.7 mL) are sized around the paper's 1 mL cut-off, whatever the preset's
     cfg = load_config("tiny", [f"cv.methods=[{','.join(methods)}]", f"cv.threshold={threshold_mode}",
-                               "evaluate.n_bootstrap=100"])
+                               "evaluate.n_bootstrap=100", "evaluate.volume_threshold_ml=1.0", *(overrides or [])])
     cfg.data.root = str(cohort)
     cfg.out = str(root / "run")
     study = Study(cfg)
@@ -107,3 +115,22 @@ def fabricate_skeletal_log(study) -> None:
     cols = ["step", "loss"] + [f"val_dice_{c}" for c in SKELETON_CLASSES[1:]] + ["val_dice_binary"]
     rows = ["1,1.0" + "," * (len(cols) - 2), "2,0.8," + ",".join(f"{0.5 + 0.04 * i:.2f}" for i in range(len(cols) - 2))]
     (folder / "log.csv").write_text(",".join(cols) + "\n" + "\n".join(rows) + "\n")
+
+
+def fabricate_finetune_logs(study, methods=("baseline", "ssl", "sap"), steps: int = 40) -> None:
+    """Fine-tuning ``log.csv`` per fold as the stage writes it: training rows with empty validation
+    columns, a validation row every 10 steps (values rising with the step, per method and fold)."""
+    cols = ["step", "lr", "lr_decoder", "loss", "epoch", "val_f2", "val_sensitivity", "val_dice", "val_fp",
+            "val_cases"]
+    for mi, method in enumerate(methods):
+        for fold in study.splits.test_folds:
+            lines = [",".join(cols)]
+            for step in range(1, steps + 1):
+                row = [str(step), "1e-4", "1e-4", f"{1 - step / (2 * steps):.4f}", "0"] + [""] * 5
+                if step % 10 == 0:
+                    f2 = min(1.0, 0.2 * mi + 0.1 * fold + step / (2 * steps))
+                    row[5:] = [f"{f2:.4f}", f"{min(1.0, f2 + 0.05):.4f}", f"{f2 / 2:.4f}", "1", "2"]
+                lines.append(",".join(row))
+            folder = study.run.fold(method, fold)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "log.csv").write_text("\n".join(lines) + "\n")

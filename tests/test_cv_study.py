@@ -4,7 +4,8 @@ baseline + sap, k = 3 (tuning fold + two test folds), one optimiser step per sta
 Checks: a fold-limited run followed by the full run redoes no finished fold (the "killed
 halfway" case: the first run stops after fold 1); the report's Table 1 equals ``sap evaluate``
 run separately on the same predictions and threshold; the tuned threshold is in the fold
-checkpoints; ``sap infer`` runs the exported ensemble bundle.
+checkpoints; ``sap infer`` runs the exported ensemble bundle, which (like the report) says it was
+trained on synthetic data; the reference detector runs beside the networks without training.
 """
 
 from __future__ import annotations
@@ -93,7 +94,8 @@ def test_report_table1_matches_sap_evaluate(study, tmp_path):
         threshold = json.loads((run / method / "threshold.json").read_text())["threshold"]
         out = tmp_path / method
         assert main(["evaluate", "--pred", str(run / method / "predictions"), "--gt", str(gt), "--out", str(out),
-                     "--threshold", str(threshold), "--froc", "sweep", "--no-progress"]) == 0
+                     "--threshold", str(threshold), "--froc", "candidate", "--no-progress",
+                     "--set", f"evaluate.volume_threshold_ml={study['cfg'].evaluate.volume_threshold_ml}"]) == 0
         separate = json.loads((out / "summary.json").read_text())
         assert separate["n_cases"] == len(test_cases)
         for _, row in table[table["method"] == method].iterrows():
@@ -110,15 +112,29 @@ def test_report_table1_matches_sap_evaluate(study, tmp_path):
             assert load_checkpoint(run / method / f"fold_{fold}" / "last.pt")["threshold"] == pytest.approx(threshold)
     md = (run / "report" / "report.md").read_text()
     assert "Research use only" in md and "not evidence" in md
+    assert "synthetic data (sap synth cohort, preset tiny, seed 0)" in md
+    # the reference detector is a column of Table 1 beside the networks, and was never trained
+    wide = pd.read_csv(run / "report" / "tables" / "table1_wide.csv", dtype=str, keep_default_na=False)
+    assert {"Baseline", "SAP", "Reference"} <= set(wide.columns)
+    assert (run / "reference" / "evaluation" / "summary.json").is_file()
+    assert not list((run / "reference").rglob("*.pt"))
 
 
-def test_sap_infer_runs_the_exported_bundle(study, tmp_path):
+def test_sap_infer_runs_the_exported_bundle(study, tmp_path, capsys):
     bundle = study["root"] / "models" / "sap"
     info = json.loads((bundle / "bundle.json").read_text())
+    assert info["synthetic"] is True  # the cohort was made by sap synth (it has a cohort.json)
+    data = info["synthetic_data"]
+    assert {k: data[k] for k in ("source", "preset", "seed", "modality")} == {
+        "source": "sap synth", "preset": "tiny", "seed": 0, "modality": "mr"}
     ensemble = json.loads((study["run"] / "sap" / "ensemble_threshold.json").read_text())
     assert info["threshold"] == pytest.approx(ensemble["threshold"])
     assert len(info["models"]) == 2
     case = next(p for p in sorted((Path(study["cfg"].data.root) / "patients").iterdir()) if p.is_dir())
     out = tmp_path / "infer"
-    assert main(["infer", "-i", str(case), "-o", str(out), "--model", str(bundle)]) == 0
+    capsys.readouterr()
+    assert main(["infer", "-i", str(case), "-o", str(out), "--model", str(bundle), "--quiet"]) == 0
     assert (out / f"{case.name}_prob.nii.gz").is_file()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "synthetic" in line]
+    assert len(warnings) == 1
+    assert "trained on synthetic data (sap synth cohort, preset tiny, seed 0)" in warnings[0]

@@ -33,9 +33,10 @@ def run_demo(out: str | Path = "sap-demo", seed: int = 0, overrides: list[str] |
             from sap.cv.rundir import PRETRAIN_OF, parse_methods
 
             chosen = parse_methods(None, cfg.cv.methods)
-            # the steps plan_tasks builds: pretraining, 2 per fold, finalize, t-SNE, report, export
+            # the steps plan_tasks builds: pretraining, 2 per fold, finalize, t-SNE, report, export,
+            # and the reference detector's prediction per fold and its finalize
             stages = (len({PRETRAIN_OF[m] for m in chosen} - {None}) + len(chosen) * (2 * (cfg.cv.k - 1) + 2)
-                      + int("ssl" in chosen and "sap" in chosen) + 1)
+                      + cfg.cv.k + int("ssl" in chosen and "sap" in chosen) + 1)
             print(f"sap demo [1/{stages + 1}] synth: demo cohort (9 patients, 6 healthy scans) | then: pretraining, "
                   "fine-tuning, prediction, evaluation, report", file=sys.stderr, flush=True)
         from sap.data.synth import make_cohort

@@ -19,8 +19,8 @@ import numpy as np  # noqa: E402
 
 from sap.metrics import FrocCurve, sensitivity_at  # noqa: E402
 
-COLORS = {"baseline": "#7f7f7f", "ssl": "#1f77b4", "sap": "#d62728"}
-LABELS = {"baseline": "Baseline", "ssl": "SSL", "sap": "SAP"}
+COLORS = {"baseline": "#7f7f7f", "ssl": "#1f77b4", "sap": "#d62728", "reference": "#8c564b"}
+LABELS = {"baseline": "Baseline", "ssl": "SSL", "sap": "SAP", "reference": "Reference"}
 DPI = 100
 
 
@@ -39,40 +39,91 @@ def _fmt_ci(ci: Sequence[float | None] | None) -> str:
     return f"{ci[0]:.2f}–{ci[1]:.2f}"
 
 
-def froc_figure(summaries: Mapping[str, dict], path: Path, scale_note: str) -> Path:
-    """Sweep-mode FROC: all lesions to 15 FPPI (solid), ≥ 1 mL to 4 FPPI (dashed), AUC with
-    bootstrap CI in the legend, the operating point (tuned threshold) marked."""
+def froc_plot_points(curve: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """The points drawn for a stored FROC curve (``summary.json``'s ``froc``/``froc_1ml``): the
+    curve's points up to its AUC limit, closed at the limit with the SPEC E8 interpolation (flat
+    beyond the last point). A candidate-mode curve is non-decreasing in both coordinates, and so
+    are these points."""
+    x = np.asarray(curve["fppi"], dtype=float)
+    y = np.asarray(curve["sensitivity"], dtype=float)
+    limit = float(curve.get("limit", 15.0))
+    keep = x <= limit
+    return np.append(x[keep], limit), np.append(y[keep], sensitivity_at(FrocCurve(x, y), limit))
+
+
+def froc_figure(summaries: Mapping[str, dict], path: Path, scale_note: str, volume_threshold_ml: float = 1.0) -> Path:
+    """FROC (candidate mode, as stored by the study): all lesions to 15 FPPI (solid), lesions ≥ V
+    to 4 FPPI (dashed), FROC-AUC with its bootstrap CI in the legend, and the tuned operating point
+    from the evaluation at the tuned threshold (pooled sensitivity, mean FP per exam) marked; an
+    operating point beyond the axis is drawn at its edge as a triangle."""
+    x_max = 15.0
     fig, ax = plt.subplots(figsize=(7.5, 5))
+    modes, drawn = set(), set()
     for method, s in summaries.items():
         color = COLORS[method]
         for key, style, op_x, op_y, label in (
             ("froc", "-", "mean_fp", "pooled_sensitivity", "all lesions"),
-            ("froc_1ml", "--", "mean_fp_1ml", "pooled_sensitivity_1ml", "≥ 1 mL"),
+            ("froc_1ml", "--", "mean_fp_1ml", "pooled_sensitivity_1ml", f"≥ {volume_threshold_ml:g} mL"),
         ):
             curve = s.get(key)
             if not curve or not curve.get("fppi"):
                 continue
-            x = np.asarray(curve["fppi"], dtype=float)
-            y = np.asarray(curve["sensitivity"], dtype=float)
-            limit = float(curve.get("limit", 15.0))
-            keep = x <= limit
-            # closed at the limit with the SPEC E8 interpolation (flat beyond the last point)
-            xs = np.append(x[keep], limit)
-            ys = np.append(y[keep], sensitivity_at(FrocCurve(x, y), limit))
+            modes.add(curve.get("mode", "candidate"))
+            drawn.add(key)
+            xs, ys = froc_plot_points(curve)
             auc = curve.get("auc")
             auc_text = f"{auc:.2f}" if auc is not None else "n/a"
             ax.plot(xs, ys, style, color=color, lw=1.8,
                     label=f"{LABELS[method]} {label}: AUC {auc_text} [{_fmt_ci(curve.get('auc_ci95'))}]")
             if s.get(op_x) is not None and s.get(op_y) is not None:
-                ax.plot([s[op_x]], [s[op_y]], "o" if key == "froc" else "s", color=color, ms=8, mfc="white", mew=2)
-    ax.plot([], [], "ko", mfc="white", label="operating point (tuned threshold)")
-    ax.set_xlim(-0.3, 15)  # operating points at 0 FPPI stay visible
+                beyond = float(s[op_x]) > x_max
+                ax.plot([min(float(s[op_x]), x_max)], [s[op_y]], ">" if beyond else ("o" if key == "froc" else "s"),
+                        color=color, ms=8, mfc="white", mew=2, clip_on=False)
+    ax.plot([], [], "ko", mfc="white", label="operating point, all lesions (tuned threshold)")
+    if "froc_1ml" in drawn:
+        ax.plot([], [], "ks", mfc="white", label=f"operating point, ≥ {volume_threshold_ml:g} mL")
+    ax.set_xlim(-0.3, x_max)  # operating points at 0 FPPI stay visible
     ax.set_ylim(0, 1.04)
     ax.set_xlabel("false positives per exam (FPPI)")
     ax.set_ylabel("lesion sensitivity (pooled)")
-    ax.set_title(f"FROC (sweep mode) — {scale_note}", fontsize=10)
+    mode = "/".join(sorted(modes)) or "candidate"
+    ax.set_title(f"FROC ({mode} mode) — {scale_note}", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7.5, loc="lower right")
+    ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, path)
+
+
+def learning_curves_figure(curves: Mapping[str, Mapping[int, Any]], path: Path, steps: int | None = None) -> Path:
+    """Fine-tuning learning curves: one column per method, validation F2 (top) and sensitivity
+    (bottom) against the optimiser step, one line per fold. ``curves[method][fold]``: a table with
+    ``step`` and ``val_f2`` / ``val_sensitivity`` (validation rows only)."""
+    methods = list(curves)
+    fig, axes = plt.subplots(2, len(methods), figsize=(4.2 * len(methods), 6), squeeze=False, sharey=True)
+    styles = ("-", "--", ":", "-.")
+    last = max((float(t["step"].max()) for folds in curves.values() for t in folds.values() if len(t)), default=0.0)
+    x_max = max(float(steps or 0), last)
+    for c, method in enumerate(methods):
+        for r, (column, name) in enumerate((("val_f2", "validation F2"), ("val_sensitivity", "validation sensitivity"))):
+            ax = axes[r, c]
+            for i, (fold, table) in enumerate(sorted(curves[method].items())):
+                if column not in table:
+                    continue
+                rows = table[["step", column]].dropna()
+                ax.plot(rows["step"], rows[column], styles[i % len(styles)], marker="o", ms=3,
+                        color=COLORS.get(method, "k"), lw=1.5, label=f"fold {fold}")
+            ax.set_ylim(-0.02, 1.02)
+            if x_max > 0:
+                ax.set_xlim(0, x_max * 1.02)
+            ax.grid(alpha=0.3)
+            if c == 0:
+                ax.set_ylabel(name)
+            if r == 0:
+                ax.set_title(LABELS.get(method, method), fontsize=10)
+                ax.legend(fontsize=7, loc="upper left")
+            else:
+                ax.set_xlabel("optimiser step")
+    fig.suptitle("Fine-tuning learning curves (validation exams, one line per test fold's model)", fontsize=10)
+    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -83,11 +134,12 @@ BOX_PANELS = (
     ("FP per exam", "fp", "case"),
     ("F2 score", "f2", "case"),
     ("Sensitivity", "sensitivity", "case"),
-    ("Sensitivity ≥ 1 mL", "sensitivity_1ml", "case"),
+    ("Sensitivity ≥ {v} mL", "sensitivity_1ml", "case"),
 )
 
 
-def box_figure(values: Mapping[str, Mapping[str, np.ndarray]], significance: Any, path: Path) -> Path:
+def box_figure(values: Mapping[str, Mapping[str, np.ndarray]], significance: Any, path: Path,
+               volume_threshold_ml: float = 1.0) -> Path:
     """Fig. 4: one panel per metric, a box per method with its points, brackets marked with the
     Bonferroni-adjusted significance (``*``, ``**``, ``***``, ``n.s.``) and n per box.
 
@@ -113,6 +165,7 @@ def box_figure(values: Mapping[str, Mapping[str, np.ndarray]], significance: Any
         top = max((float(d.max()) for d in data if d.size), default=1.0)
         span = top if top > 0 else 1.0  # all-zero panels (e.g. no FP) keep a readable scale
         ax.set_xticks(positions, [f"{LABELS[m]}\nn={d.size}" for m, d in zip(methods, data, strict=True)])
+        title = title.format(v=f"{volume_threshold_ml:g}")
         ax.set_title(title + (" (per lesion)" if level == "lesion" else " (per exam)"), fontsize=10)
         if significance is not None and len(methods) > 1:
             rows = significance[significance["metric"] == metric]

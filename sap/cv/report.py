@@ -1,9 +1,12 @@
 """The study report (SPEC §10), rebuilt from the files of a run folder (``sap report --run RUN``).
 
 Reads ``RUN/{method}/evaluation`` (patients.csv, lesions.csv, summary.json, regions.csv),
-``RUN/{method}/threshold.json``, the pretraining logs, ``RUN/features/*.npz`` and, for the
-overlays, the cohort images and stored probability maps. Writes ``RUN/report/report.md``,
-``report.html`` (self-contained: figures embedded), ``figures/*.png`` and ``tables/*.csv``.
+``RUN/{method}/threshold.json``, the fine-tuning and pretraining logs, ``RUN/features/*.npz``,
+the cohort's ``cohort.json`` and, for the overlays, the cohort images and stored probability
+maps. Writes ``RUN/report/report.md``, ``report.html`` (self-contained: figures embedded),
+``figures/*.png`` and ``tables/*.csv``. Methods are the networks (baseline, ssl, sap) and the
+non-learning reference detector (:mod:`sap.cv.reference`); significance tests, box plots and
+overlays compare the networks only (Bonferroni over the paper's method pairs).
 
 The report is a list of blocks (headings, paragraphs, tables, figures) rendered twice, as
 Markdown and as HTML, so both say the same thing.
@@ -15,6 +18,7 @@ import base64
 import html
 import json
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from sap import RESEARCH_USE_ONLY, __version__
-from sap.cv.rundir import METHOD_LABELS, METHODS, RunDir, load_run_config
+from sap.cv.rundir import ALL_METHODS, METHOD_LABELS, METHODS, REFERENCE, RunDir, load_run_config
 from sap.data.io import atomic_write_text
 from sap.errors import SapError
 
@@ -34,26 +38,30 @@ SCALE_NOTES = {
     "paper": "Paper scale: the configuration of the study (SPEC §10).",
 }
 
-#: Table 1 rows: (section, label, summary metric name)
+#: Table 1 rows: (section, label, summary metric name); ``{v}`` is the large-lesion cut-off in mL
 TABLE1_ROWS: tuple[tuple[str, str, str], ...] = (
     ("Detection (all lesions)", "Sensitivity", "sensitivity"),
     ("Detection (all lesions)", "Precision", "precision"),
     ("Detection (all lesions)", "FP per exam", "fp"),
     ("Detection (all lesions)", "F2 score", "f2"),
-    ("Detection (lesions ≥ 1 mL)", "Sensitivity ≥ 1 mL", "sensitivity_1ml"),
-    ("Detection (lesions ≥ 1 mL)", "FP ≥ 1 mL per exam", "fp_1ml"),
+    ("Detection (lesions ≥ {v} mL)", "Sensitivity ≥ {v} mL", "sensitivity_1ml"),
+    ("Detection (lesions ≥ {v} mL)", "FP ≥ {v} mL per exam", "fp_1ml"),
     ("Segmentation (detected lesions)", "Dice", "dice_detected"),
     ("Segmentation (detected lesions)", "NSD", "nsd_detected"),
     ("End-to-end", "Dice (per-patient mean)", "dice_patient_mean"),
     ("End-to-end", "Global Dice", "dice_global"),
 )
-#: pooled values shown beside Table 1: (label, summary key)
+#: pooled values shown in Table 1: (label, summary key); ``{v}`` as above
 POOLED_ROWS: tuple[tuple[str, str], ...] = (
     ("Pooled sensitivity, all lesions", "pooled_sensitivity"),
     ("Mean FP per exam, all lesions", "mean_fp"),
-    ("Pooled sensitivity ≥ 1 mL", "pooled_sensitivity_1ml"),
-    ("Mean FP ≥ 1 mL per exam", "mean_fp_1ml"),
+    ("Pooled sensitivity ≥ {v} mL", "pooled_sensitivity_1ml"),
+    ("Mean FP ≥ {v} mL per exam", "mean_fp_1ml"),
 )
+#: a network "has not converged" when its pooled sensitivity at this FPPI of the candidate-mode
+#: FROC over the test folds stays below this value (issue 12)
+CONVERGENCE_FPPI = 1.0
+CONVERGENCE_SENSITIVITY = 0.5
 
 
 # ------------------------------------------------------------------------------------ blocks
@@ -127,11 +135,14 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+#: Markdown strong emphasis as CommonMark reads it: ``**`` not touching a third ``*``, opening
+#: before and closing after a non-space (so "* < 0.05, ** < 0.01, *** < 0.001" is plain text)
+_BOLD = re.compile(r"(?<!\*)\*\*(?=[^\s*])(.+?)(?<=[^\s*])\*\*(?!\*)")
+
+
 def _inline_html(text: str) -> str:
-    escaped = html.escape(text)
-    # **bold** → <b>
-    parts = escaped.split("**")
-    return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
+    """A paragraph's Markdown as HTML: escaped, ``**bold**`` → ``<b>``, every other ``*`` kept."""
+    return _BOLD.sub(lambda m: f"<b>{m.group(1)}</b>", html.escape(text))
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -170,16 +181,24 @@ def load_method(run: RunDir, method: str) -> MethodResults | None:
 
 
 # ------------------------------------------------------------------------------------ tables
-def table1(results: dict[str, MethodResults]) -> Any:
-    """Table 1 (long form): section, metric, key, method, median, ci95_lo, ci95_hi, q25, q75, n."""
+def _v(volume_threshold_ml: float) -> str:
+    return f"{float(volume_threshold_ml):g}"
+
+
+def table1(results: dict[str, MethodResults], volume_threshold_ml: float = 1.0) -> Any:
+    """Table 1 (long form): section, metric, key, method, median, ci95_lo, ci95_hi, q25, q75, n.
+
+    ``volume_threshold_ml``: the large-lesion cut-off V of the evaluation (in the labels only).
+    """
     import pandas as pd
 
+    v = _v(volume_threshold_ml)
     rows = []
     for section, label, key in TABLE1_ROWS:
         for method, r in results.items():
             m = r.summary.get("metrics", {}).get(key) or {}
             ci = m.get("ci95") or [None, None]
-            rows.append({"section": section, "metric": label, "key": key, "method": method,
+            rows.append({"section": section.format(v=v), "metric": label.format(v=v), "key": key, "method": method,
                          "median": _num(m.get("median")), "ci95_lo": _num(ci[0]), "ci95_hi": _num(ci[1]),
                          "q25": _num(m.get("q25")), "q75": _num(m.get("q75")), "n": m.get("n")})
     for method, r in results.items():
@@ -192,21 +211,28 @@ def table1(results: dict[str, MethodResults]) -> Any:
     return pd.DataFrame(rows)
 
 
-def pooled_table(results: dict[str, MethodResults]) -> Any:
-    """Pooled ≥ 1 mL values (the paper's headline), FROC-AUCs and the operating point per method."""
+def froc_auc_label(key: str, volume_threshold_ml: float = 1.0) -> str:
+    """Column/row label of a FROC-AUC (``froc`` or ``froc_1ml``)."""
+    return "FROC-AUC (15 FPPI)" if key == "froc" else f"FROC-AUC ≥ {_v(volume_threshold_ml)} mL (4 FPPI)"
+
+
+def pooled_table(results: dict[str, MethodResults], volume_threshold_ml: float = 1.0) -> Any:
+    """Pooled values (the paper's headline), FROC-AUCs and the operating point per method."""
     import pandas as pd
 
+    v = _v(volume_threshold_ml)
     rows = []
     for method, r in results.items():
         s = r.summary
         row = {"method": METHOD_LABELS[method],
                "threshold": _operating_text(r.threshold, s)}
         for label, key in POOLED_ROWS:
-            row[label] = _num(s.get(key))
-        for key, label in (("froc", "FROC-AUC (15 FPPI)"), ("froc_1ml", "FROC-AUC ≥ 1 mL (4 FPPI)")):
+            row[label.format(v=v)] = _num(s.get(key))
+        for key in ("froc", "froc_1ml"):
             curve = s.get(key) or {}
             ci = curve.get("auc_ci95") or [None, None]
-            row[label] = f"{_fmt(curve.get('auc'), 2)} [{_fmt(ci[0], 2)}–{_fmt(ci[1], 2)}]"
+            row[froc_auc_label(key, volume_threshold_ml)] = (
+                f"{_fmt(curve.get('auc'), 2)} [{_fmt(ci[0], 2)}–{_fmt(ci[1], 2)}]")
         row["exams"] = s.get("n_cases")
         rows.append(row)
     return pd.DataFrame(rows)
@@ -225,28 +251,210 @@ def _num(v: Any) -> float:
     return float("nan") if v is None else float(v)
 
 
-def table1_display(t1: Any) -> Any:
+def _f2(v: Any) -> str:
+    """Two decimals as in the paper's tables; "–" for a missing value, never "-0.00"."""
+    if v is None or (isinstance(v, float | np.floating) and not math.isfinite(float(v))):
+        return "–"
+    text = f"{float(v):.2f}"
+    return "0.00" if text == "-0.00" else text
+
+
+def ci_text(median: Any, lo: Any, hi: Any) -> str:
+    """A Table 1 cell: ``median [lo–hi]`` (95 % CI), two decimals; "–" without a median."""
+    if _f2(median) == "–":
+        return "–"
+    if _f2(lo) == "–" or _f2(hi) == "–":
+        return f"{_f2(median)} [CI n/a]"
+    return f"{_f2(median)} [{_f2(lo)}–{_f2(hi)}]"
+
+
+def icc_text(value: Any, ci: Any, gt_burden: Any, pred_burden: Any) -> str:
+    """The ICC(2,1) cell of Table 1 from its value, CI and the per-exam burdens (mL).
+
+    SPEC E7's null cases print "undefined (reason)": fewer than 3 exams, or all 2n burden values
+    equal. When every predicted burden is 0 (but the ground truth varies) MSR = MSE and the ICC is
+    exactly 0 (the computed value is 0 up to rounding, its CI meaningless): "0.00 (no predicted
+    burden)". Otherwise "value [lo–hi]".
+    """
+    gt = np.asarray(gt_burden, dtype=np.float64)
+    pred = np.asarray(pred_burden, dtype=np.float64)
+    if gt.size < 3:
+        return f"undefined (n = {gt.size} < 3 exams)"
+    both = np.concatenate([gt, pred])
+    if np.all(both == both[0]):
+        return "undefined (all burdens equal)"
+    if np.all(pred == 0):
+        return "0.00 (no predicted burden)"
+    lo, hi = (list(ci) + [None, None])[:2] if ci is not None else (None, None)
+    return ci_text(value, lo, hi)
+
+
+def sensitivity_at_fppi(curve: dict | None, fppi: float = CONVERGENCE_FPPI) -> float:
+    """Pooled sensitivity at ``fppi`` on a stored FROC curve (SPEC E8 interpolation); NaN without one."""
+    from sap.metrics import FrocCurve, sensitivity_at
+
+    if not curve or not curve.get("fppi"):
+        return float("nan")
+    return sensitivity_at(FrocCurve(np.asarray(curve["fppi"], dtype=float),
+                                    np.asarray(curve["sensitivity"], dtype=float)), fppi)
+
+
+def not_converged(results: dict[str, MethodResults]) -> dict[str, float]:
+    """Networks whose pooled sensitivity at 1 FPPI (candidate-mode FROC over the test folds) is
+    below 0.5, with that sensitivity (NaN without a curve). The reference detector does not train
+    and is never listed."""
+    out = {}
+    for method, r in results.items():
+        if method == REFERENCE:
+            continue
+        sens = sensitivity_at_fppi(r.summary.get("froc"))
+        if not sens >= CONVERGENCE_SENSITIVITY:  # NaN counts as not converged
+            out[method] = sens
+    return out
+
+
+def table1_wide(t1: Any, results: dict[str, MethodResults], volume_threshold_ml: float = 1.0,
+                steps: int | None = None) -> Any:
+    """Table 1 in the paper's shape: one row per metric, one column per method (its label), cells
+    "median [lo–hi]" (95 % CI) from the long form ``t1``; then the pooled values, FROC-AUCs,
+    sensitivity at 1 FPPI (marked "not converged at N steps" below 0.5) and the threshold.
+
+    Columns: ``section``, ``metric``, ``key`` (the summary name the row comes from), one per
+    method. ``steps``: fine-tuning steps (for the "not converged" mark).
+    """
     import pandas as pd
 
+    methods = list(results)
+    labels = [METHOD_LABELS[m] for m in methods]
     rows = []
-    for _, r in t1.iterrows():
-        med = _fmt(r["median"])
-        ci = f"[{_fmt(r['ci95_lo'])}–{_fmt(r['ci95_hi'])}]"
-        quart = f"{_fmt(r['q25'])}–{_fmt(r['q75'])}" if math.isfinite(r["q25"]) else "–"
-        rows.append({"Section": r["section"], "Metric": r["metric"], "Method": METHOD_LABELS[r["method"]],
-                     "Median [95% CI]": f"{med} {ci}", "25%–75% quartiles": quart,
-                     "n": "–" if r["n"] is None or (isinstance(r["n"], float) and math.isnan(r["n"])) else int(r["n"])})
-    return pd.DataFrame(rows)
+    for (section, metric, key), group in t1.groupby(["section", "metric", "key"], sort=False):
+        row = {"section": section, "metric": metric, "key": key}
+        by_method = group.set_index("method")
+        for method, label in zip(methods, labels, strict=True):
+            if method not in by_method.index:
+                row[label] = "–"
+                continue
+            r = by_method.loc[method]
+            if key == "icc_burden":
+                p = results[method].patients
+                row[label] = icc_text(r["median"], [r["ci95_lo"], r["ci95_hi"]], p["volume_gt_ml"], p["volume_pred_ml"])
+            else:
+                row[label] = ci_text(r["median"], r["ci95_lo"], r["ci95_hi"])
+        rows.append(row)
+    v = _v(volume_threshold_ml)
+    section = "Pooled over all test exams"
+    for label_t, key in POOLED_ROWS:
+        rows.append({"section": section, "metric": label_t.format(v=v), "key": key,
+                     **{lab: _f2(results[m].summary.get(key)) for m, lab in zip(methods, labels, strict=True)}})
+    for key in ("froc", "froc_1ml"):
+        cells = {}
+        for m, lab in zip(methods, labels, strict=True):
+            curve = results[m].summary.get(key) or {}
+            ci = curve.get("auc_ci95") or [None, None]
+            cells[lab] = ci_text(curve.get("auc"), ci[0], ci[1])
+        rows.append({"section": section, "metric": froc_auc_label(key, volume_threshold_ml), "key": f"{key}_auc",
+                     **cells})
+    slow = not_converged(results)
+    cells = {}
+    for m, lab in zip(methods, labels, strict=True):
+        text = _f2(sensitivity_at_fppi(results[m].summary.get("froc")))
+        if m in slow:
+            text += f" (not converged at {steps} steps)" if steps else " (not converged)"
+        cells[lab] = text
+    rows.append({"section": section, "metric": f"Sensitivity at {CONVERGENCE_FPPI:g} FPPI (FROC)",
+                 "key": "sensitivity_at_1fppi", **cells})
+    rows.append({"section": section, "metric": "Threshold (tuned on fold 0)", "key": "threshold",
+                 **{lab: _operating_text(results[m].threshold, results[m].summary)
+                    for m, lab in zip(methods, labels, strict=True)}})
+    rows.append({"section": section, "metric": "Test exams", "key": "n_cases",
+                 **{lab: str(results[m].summary.get("n_cases", "–")) for m, lab in zip(methods, labels, strict=True)}})
+    return pd.DataFrame(rows, columns=["section", "metric", "key", *labels])
+
+
+def table1_display(wide: Any) -> Any:
+    """The wide Table 1 as shown: section only on its first row, no key column."""
+    shown = wide.drop(columns=["key"]).rename(columns={"section": "Section", "metric": "Metric"})
+    shown["Section"] = shown["Section"].where(shown["Section"] != shown["Section"].shift(), "")
+    return shown
 
 
 def significance_table(run: RunDir, methods: list[str]) -> Any | None:
-    """Pairwise tests between methods (``sap evaluate --compare``): Wilcoxon paired by case for
-    case-level metrics, Mann–Whitney for lesion-level ones, Bonferroni over method pairs."""
-    if len(methods) < 2:
+    """Pairwise tests between the networks (``sap evaluate --compare``): Wilcoxon paired by case
+    for case-level metrics, Mann–Whitney for lesion-level ones, Bonferroni over method pairs. The
+    reference detector is left out, so m is the paper's number of pairs."""
+    networks = [m for m in methods if m in METHODS]
+    if len(networks) < 2:
         return None
     from sap.evaluate.compare import compare_runs
 
-    return compare_runs([run.evaluation(m) for m in methods], names=methods)
+    return compare_runs([run.evaluation(m) for m in networks], names=networks)
+
+
+#: significance-table row labels per metric name; ``{v}`` as in Table 1
+SIGNIFICANCE_LABELS = {
+    "sensitivity": "Sensitivity", "precision": "Precision", "f2": "F2 score", "fp": "FP per exam",
+    "sensitivity_1ml": "Sensitivity ≥ {v} mL", "fp_1ml": "FP ≥ {v} mL per exam",
+    "dice_patient_mean": "Dice (per-patient mean)", "dice_global": "Global Dice",
+    "dice_detected": "Dice (detected lesions)", "nsd_detected": "NSD (detected lesions)",
+}
+
+
+def _p_text(p_adj: Any, stars: Any) -> str:
+    if p_adj is None or (isinstance(p_adj, float | np.floating) and not math.isfinite(float(p_adj))):
+        return "–"
+    mark = stars if isinstance(stars, str) and stars else "n.s."
+    value = "< 0.001" if float(p_adj) < 0.001 else f"{float(p_adj):.3f}"
+    return f"{value} {mark}"
+
+
+def significance_wide(sig: Any, volume_threshold_ml: float = 1.0) -> Any:
+    """The significance table in the paper's shape: one row per metric (with its test), one column
+    per method pair ("Baseline vs SAP"), cells "p_adj stars" (Bonferroni-adjusted; n.s. ≥ 0.05)."""
+    import pandas as pd
+
+    v = _v(volume_threshold_ml)
+    pairs = list(dict.fromkeys(zip(sig["method_a"], sig["method_b"], strict=True)))
+    columns = [f"{METHOD_LABELS[a]} vs {METHOD_LABELS[b]}" for a, b in pairs]
+    rows = []
+    for metric, group in sig.groupby("metric", sort=False):
+        tests = {"wilcoxon": "Wilcoxon (paired by exam)", "mannwhitneyu": "Mann–Whitney U (lesions)"}
+        row = {"metric": SIGNIFICANCE_LABELS.get(metric, metric).format(v=v), "key": metric,
+               "test": tests.get(str(group["test"].iloc[0]), str(group["test"].iloc[0]))}
+        by_pair = {(r["method_a"], r["method_b"]): r for _, r in group.iterrows()}
+        for (a, b), col in zip(pairs, columns, strict=True):
+            r = by_pair.get((a, b))
+            row[col] = "–" if r is None else _p_text(r["p_adj"], r["stars"])
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["metric", "key", "test", *columns])
+
+
+# ------------------------------------------------------------------------------------ learning curves
+def learning_curves(run: RunDir, methods: list[str]) -> dict[str, dict[int, Any]]:
+    """Validation rows of every fold's fine-tuning ``log.csv``: ``{method: {fold: DataFrame(step,
+    val_f2, val_sensitivity)}}``. Rows without validation values (training-only steps) are dropped;
+    folds without a log (or without such columns) are left out."""
+    import pandas as pd
+
+    out: dict[str, dict[int, Any]] = {}
+    for method in methods:
+        if method not in METHODS:
+            continue
+        for fold in run.folds_present(method):
+            log = run.fold(method, fold) / "log.csv"
+            if not log.is_file():
+                continue
+            try:
+                table = pd.read_csv(log)
+            except (OSError, ValueError):
+                continue
+            cols = [c for c in ("val_f2", "val_sensitivity") if c in table.columns]
+            if "step" not in table.columns or not cols:
+                continue
+            rows = table[["step", *cols]].apply(pd.to_numeric, errors="coerce")
+            rows = rows.dropna(subset=cols, how="all").sort_values("step")
+            if len(rows):
+                out.setdefault(method, {})[fold] = rows.reset_index(drop=True)
+    return out
 
 
 def region_table(results: dict[str, MethodResults]) -> Any | None:
@@ -410,11 +618,29 @@ def _case_threshold(r: MethodResults, case_id: str) -> float:
 
 
 # ------------------------------------------------------------------------------------ build
+def scale_line(scale: str, cfg: Any, cohort: dict[str, Any] | None) -> str:
+    """The report's scale line: the scale note, whether the data are synthetic, every deviation
+    from the paper's protocol (read from the run's config and ``cohort.json``), the large-lesion
+    cut-off against the paper's, and "research use only"."""
+    from sap.cv.provenance import is_synthetic, paper_deviations, synthetic_text, volume_cutoff_text
+
+    parts = [f"**{SCALE_NOTES.get(scale, scale)}**"]
+    if is_synthetic(cohort):
+        parts.append(f"Trained and evaluated on synthetic data ({synthetic_text(cohort)}), not on patients.")
+    if cfg is not None:
+        deviations = paper_deviations(cfg, cohort)
+        parts.append("Deviations from the paper's protocol: " + ("; ".join(deviations) if deviations else "none") + ".")
+        parts.append(f"Large lesions: {volume_cutoff_text(cfg, cohort)}.")
+    parts.append(RESEARCH_USE_ONLY)
+    return " ".join(parts)
+
+
 def build_report(run_root: str | Path, progress: bool = True) -> Path:
     """(Re)build ``RUN/report`` from the stored results; returns the path of report.md."""
     import pandas as pd
 
     from sap.cv import figures
+    from sap.cv.provenance import cohort_info
 
     t0 = time.perf_counter()
     run = RunDir(Path(run_root))
@@ -422,77 +648,107 @@ def build_report(run_root: str | Path, progress: bool = True) -> Path:
         raise SapError(f"{run.root}: run folder not found")
     cfg = load_run_config(run.config) if run.config.is_file() else None
     scale = cfg.scale if cfg is not None else "paper"
-    results = {m: r for m in METHODS if (r := load_method(run, m)) is not None}
+    results = {m: r for m in ALL_METHODS if (r := load_method(run, m)) is not None}
     if not results:
         raise SapError(f"{run.root}: no evaluated method yet (RUN/<method>/evaluation/summary.json); "
                        "finish the folds with sap cv first")
     methods = list(results)
+    networks = [m for m in methods if m in METHODS]
     out = run.report
     fig_dir, tab_dir = out / "figures", out / "tables"
     tab_dir.mkdir(parents=True, exist_ok=True)
     manifest = json.loads(run.manifest.read_text()) if run.manifest.is_file() else {}
     scale_note = SCALE_NOTES.get(scale, scale)
+    cohort = cohort_info(cfg.data.root) if cfg is not None else None
+    v_ml = cfg.evaluate.volume_threshold_ml if cfg is not None else 1.0
+    v = _v(v_ml)  # the cut-off as printed
+    steps = cfg.finetune.max_steps if cfg is not None else None
 
     b = Blocks()
     b.heading("sap cross-validated study report", 1)
-    b.para(f"**{scale_note}** {RESEARCH_USE_ONLY}")
+    b.para(scale_line(scale, cfg, cohort))
     n_cases = {m: r.summary.get("n_cases") for m, r in results.items()}
-    b.para(f"Methods: {', '.join(METHOD_LABELS[m] for m in methods)}. k = {cfg.cv.k if cfg else '?'} folds over "
+    b.para(f"Methods: {', '.join(METHOD_LABELS[m] for m in methods)}"
+           + (" (Reference: an intensity threshold inside the body that learns nothing, tuned and evaluated "
+              "like the networks)" if REFERENCE in results else "")
+           + f". k = {cfg.cv.k if cfg else '?'} folds over "
            f"subjects (fold 0 tunes the threshold; {', '.join(f'{METHOD_LABELS[m]}: {n} test exams' for m, n in n_cases.items())}). "
            f"Threshold: {cfg.cv.threshold if cfg else '?'} (E9 objective {cfg.tuning.objective if cfg else '?'}). "
            f"sap {__version__}; config hash {manifest.get('config_hash', '?')}; git {manifest.get('git_commit') or 'n/a'}.")
 
-    # Table 1 and pooled values
-    t1 = table1(results)
+    # Table 1 (wide, as in the paper); the long form and the pooled values stay as CSV files
+    t1 = table1(results, v_ml)
     t1.to_csv(tab_dir / "table1.csv", index=False)
+    pooled = pooled_table(results, v_ml)
+    pooled.to_csv(tab_dir / "pooled.csv", index=False)
+    wide = table1_wide(t1, results, v_ml, steps)
+    wide.to_csv(tab_dir / "table1_wide.csv", index=False)
     b.heading("Table 1: detection and segmentation metrics")
     n_boot = cfg.evaluate.n_bootstrap if cfg else 1000
-    b.para(f"Median with 95 % percentile-bootstrap CI ({n_boot} resamples: exams for case-level metrics, lesions "
-           "for Dice/NSD of detected lesions) and 25–75 % quartiles; all test exams pooled over the test folds, "
-           "each scored by its own fold model at the tuned threshold.")
-    b.table(table1_display(t1))
-    pooled = pooled_table(results)
-    pooled.to_csv(tab_dir / "pooled.csv", index=False)
-    b.heading("Pooled values and FROC-AUC", 3)
-    b.table(pooled)
+    b.para(f"Median [95 % percentile-bootstrap CI] ({n_boot} resamples: exams for case-level metrics, lesions "
+           "for Dice/NSD of detected lesions); all test exams pooled over the test folds, each scored by its own "
+           "fold model at the tuned threshold. Quartiles and n: tables/table1.csv.")
+    b.table(table1_display(wide))
+    slow = not_converged(results)
+    if slow:
+        listed = ", ".join(f"{METHOD_LABELS[m]} (sensitivity {_f2(s)} at {CONVERGENCE_FPPI:g} FPPI)"
+                           for m, s in slow.items())
+        b.para(f"**Not converged{f' at {steps} steps' if steps else ''}:** {listed}. Pooled sensitivity at "
+               f"{CONVERGENCE_FPPI:g} false positive per exam on the FROC over the test folds is below "
+               f"{CONVERGENCE_SENSITIVITY:g}: these columns show what training reached in this budget, not what "
+               "the method can do.")
 
     sig = significance_table(run, methods)
     if sig is not None:
         sig.to_csv(tab_dir / "significance.csv", index=False)
+        sig_wide = significance_wide(sig, v_ml)
+        sig_wide.to_csv(tab_dir / "significance_wide.csv", index=False)
         b.heading("Significance between methods")
-        b.para("Wilcoxon signed-rank paired by exam (case-level metrics; pairwise deletion) or Mann–Whitney U "
-               "(lesion-level metrics), two-sided, Bonferroni over method pairs; * < 0.05, ** < 0.01, *** < 0.001.")
-        shown = sig.copy()
-        shown["method_a"] = shown["method_a"].map(METHOD_LABELS)
-        shown["method_b"] = shown["method_b"].map(METHOD_LABELS)
-        shown["stars"] = shown["stars"].fillna("").replace("", "n.s.")
-        b.table(shown[["metric", "level", "method_a", "method_b", "median_a", "median_b", "test", "n_a", "n_b",
-                       "p", "p_adj", "stars"]])
+        b.para("Bonferroni-adjusted p between the networks (m = number of network pairs; the reference is not "
+               "tested): Wilcoxon signed-rank paired by exam (case-level metrics; pairwise deletion) or "
+               "Mann–Whitney U (lesion-level metrics), two-sided; * < 0.05, ** < 0.01, *** < 0.001, "
+               "n.s. otherwise. Unadjusted p and n: tables/significance.csv.")
+        b.table(sig_wide.drop(columns=["key"]).rename(columns={"metric": "Metric", "test": "Test"}))
 
     # Figures
     b.heading("Figures")
-    fr = figures.froc_figure({m: r.summary for m, r in results.items()}, fig_dir / "froc.png", scale_note)
-    b.figure(fr, "FROC curves (sweep mode over the tuning grid): all lesions to 15 FPPI (solid), ≥ 1 mL to 4 FPPI "
-                 "(dashed); AUC with bootstrap 95 % CI in the legend; circles/squares mark the operating point.")
+    fr = figures.froc_figure({m: r.summary for m, r in results.items()}, fig_dir / "froc.png", scale_note, v_ml)
+    modes = {(r.summary.get("froc") or {}).get("mode") for r in results.values()} - {None}
+    mode = "candidate" if modes <= {"candidate"} else "/".join(sorted(modes))
+    b.figure(fr, f"FROC curves ({mode} mode, pooled over the test folds; each exam scored by its own fold model): "
+                 f"all lesions to 15 FPPI (solid), lesions ≥ {v} mL to 4 FPPI (dashed); FROC-AUC with bootstrap "
+                 "95 % CI in the legend. Circles (all lesions) and squares (≥ "
+                 f"{v} mL) mark the tuned operating point from the evaluation at the tuned threshold (its pooled "
+                 "sensitivity and mean false positives per exam); it need not lie on the curve, whose candidates "
+                 "are components at t_min scored by their maximum probability. Points beyond 15 FPPI are drawn "
+                 "at the edge as triangles.")
+    curves = learning_curves(run, networks)
+    if curves:
+        lc = figures.learning_curves_figure(curves, fig_dir / "learning_curves.png", steps)
+        b.figure(lc, "Fine-tuning learning curves: validation F2 and sensitivity (means over the validation exams "
+                     "with lesions, at the validation threshold of fine-tuning) against the optimiser step, one "
+                     "line per test fold's model.")
     box_values: dict[str, dict[str, np.ndarray]] = {}
     for _, metric, level in figures.BOX_PANELS:
         box_values[metric] = {}
-        for m, r in results.items():
+        for m in networks:
+            r = results[m]
             if level == "lesion":
                 col = "dice" if metric == "dice_detected" else "nsd"
                 gt = r.lesions[(r.lesions["kind"] == "gt") & (r.lesions["matched"].astype(str).str.lower() == "true")]
                 box_values[metric][m] = gt[col].to_numpy(dtype=float)
             else:
                 box_values[metric][m] = r.patients[metric].to_numpy(dtype=float)
-    bx = figures.box_figure(box_values, sig, fig_dir / "boxplots.png")
-    b.figure(bx, "Per-exam and per-lesion metrics (Fig. 4 style); n under each box; brackets give the "
-                 "Bonferroni-adjusted significance.")
+    if networks:
+        bx = figures.box_figure(box_values, sig, fig_dir / "boxplots.png", v_ml)
+        b.figure(bx, "Per-exam and per-lesion metrics of the networks (Fig. 4 style); n under each box; brackets "
+                     "give the Bonferroni-adjusted significance.")
     any_r = next(iter(results.values()))
     gt_vol = any_r.lesions.loc[any_r.lesions["kind"] == "gt", "volume_ml"].to_numpy(dtype=float)
     vf = figures.volume_figure({m: r.summary["cumulative"] for m, r in results.items() if r.summary.get("cumulative")},
-                               gt_vol, fig_dir / "volume.png", cfg.evaluate.volume_threshold_ml if cfg else 1.0)
+                               gt_vol, fig_dir / "volume.png", v_ml)
     b.figure(vf, "Sensitivity (solid) and false positives per exam (dotted) for lesions ≥ V mL against V, over the "
-                 "histogram of ground-truth lesion volumes (Fig. 6 style); dashed line at 1 mL.")
+                 f"histogram of ground-truth lesion volumes (Fig. 6 style); dashed line at the cut-off {v} mL.")
 
     regions = region_table(results)
     if regions is not None:
@@ -505,17 +761,17 @@ def build_report(run_root: str | Path, progress: bool = True) -> Path:
         b.table(shown)
         b.figure(rf, "Sensitivity and false positives per skeletal region.")
 
-    if cfg is not None:
+    if cfg is not None and networks:
         try:
-            panels = overlay_panels(run, results, cfg)
+            panels = overlay_panels(run, {m: results[m] for m in networks}, cfg)
         except SapError as exc:  # cohort moved: the rest of the report still builds
             print(f"sap report: warning: overlays skipped ({exc})", file=sys.stderr)
             panels = []
         if panels:
-            of = figures.overlay_figure(panels, methods, fig_dir / "overlays.png")
-            rank = "SAP" if "sap" in results else METHOD_LABELS[methods[-1]]
+            of = figures.overlay_figure(panels, networks, fig_dir / "overlays.png")
+            rank = "SAP" if "sap" in results else METHOD_LABELS[networks[-1]]
             b.figure(of, f"Coronal slices through lesions at the 25th/50th/75th percentile of per-lesion Dice "
-                         f"(ranked by {rank}); yellow: ground truth; coloured: each method at its threshold.")
+                         f"(ranked by {rank}); yellow: ground truth; coloured: each network at its threshold.")
 
     sk = skeletal_dice(run)
     if sk is not None:
@@ -540,7 +796,7 @@ def build_report(run_root: str | Path, progress: bool = True) -> Path:
     durations = manifest.get("durations_s", {})
     if durations:
         b.heading("Run", 3)
-        total = sum(v for v in durations.values() if isinstance(v, int | float) and math.isfinite(v))
+        total = sum(d for d in durations.values() if isinstance(d, int | float) and math.isfinite(d))
         b.para(f"Recorded step time {total / 60:.1f} min over {len(durations)} steps; packages: "
                + ", ".join(f"{k} {v}" for k, v in manifest.get("packages", {}).items() if v) + ".")
     b.para(f"{RESEARCH_USE_ONLY} Report built in {time.perf_counter() - t0:.0f} s by sap {__version__}.")

@@ -8,6 +8,9 @@ Layout::
     RUN/pretrain/{skeletal,ssl}/    pretraining (last.pt, best.pt, log.csv)
     RUN/{method}/fold_{k}/          fine-tuning of test fold k (last.pt, best.pt, log.csv),
                                     tuning/CASE_prob.nii.gz (tuning fold predicted by this model)
+    RUN/reference/                  the non-learning reference detector (sap.cv.reference): the
+                                    same predictions/, fold_{k}/tuning/, threshold.json and
+                                    evaluation/ as a network method, no training
     RUN/{method}/predictions/       CASE_prob.nii.gz of every test case, each by its own fold model
     RUN/{method}/threshold.json     the tuned operating point (shared or per fold)
     RUN/{method}/evaluation/        patients.csv, lesions.csv, summary.json, regions.csv
@@ -41,7 +44,12 @@ from sap.errors import SapError
 
 #: canonical method names in report order; ``scratch`` is an alias of ``baseline``
 METHODS: tuple[str, ...] = ("baseline", "ssl", "sap")
-METHOD_LABELS = {"baseline": "Baseline", "ssl": "SSL", "sap": "SAP"}
+#: the non-learning reference detector (intensity threshold inside the body; sap.cv.reference):
+#: predicted, tuned and evaluated like a network method, never trained or exported
+REFERENCE = "reference"
+#: every method a run folder and its report can hold, in report order
+ALL_METHODS: tuple[str, ...] = (*METHODS, REFERENCE)
+METHOD_LABELS = {"baseline": "Baseline", "ssl": "SSL", "sap": "SAP", REFERENCE: "Reference"}
 #: fine-tuning init of each method and the pretraining stage it needs (None: none)
 INIT_OF = {"baseline": "scratch", "ssl": "ssl", "sap": "sap"}
 PRETRAIN_OF = {"baseline": None, "ssl": "ssl", "sap": "skeletal"}
@@ -115,9 +123,18 @@ def pretrain_hash(cfg: Config, stage: str) -> str:
                                      sort_keys=True).encode()).hexdigest()[:16]
 
 
+#: version of the reference detector's definition (a change of sap.cv.reference bumps it, so
+#: stored reference maps of an older definition are redone)
+REFERENCE_VERSION = 1
+
+
 def fold_hash(cfg: Config, method: str) -> str:
     """Settings a fine-tuned fold (and its predictions) depends on, pretraining included when the
-    method starts from pretrained weights."""
+    method starts from pretrained weights. The reference detector's maps depend on the data
+    settings and the splits only."""
+    if method == REFERENCE:
+        base = settings_hash(cfg, ("scale", "data", "cv.k", "cv.seed"))
+        return hashlib.sha256(f"{REFERENCE}:{REFERENCE_VERSION}:{base}".encode()).hexdigest()[:16]
     stage = PRETRAIN_OF[method]
     base = settings_hash(cfg, (*_NETWORK_SECTIONS, *_FOLD_EXTRA))
     return base if stage is None else hashlib.sha256(f"{base}:{pretrain_hash(cfg, stage)}".encode()).hexdigest()[:16]
@@ -171,7 +188,8 @@ class RunDir:
         return self.root / method / "threshold.json"
 
     def methods_present(self) -> list[str]:
-        return [m for m in METHODS if self.method(m).is_dir()]
+        """Methods (the reference included) with a folder in the run, in report order."""
+        return [m for m in ALL_METHODS if self.method(m).is_dir()]
 
     def folds_present(self, method: str) -> list[int]:
         out = []
@@ -282,7 +300,7 @@ def write_manifest(run: RunDir, cfg: Config, methods: list[str], extra: dict[str
         "config_hash": settings_hash(cfg, STUDY_SECTIONS),
         "fold_hash": settings_hash(cfg, FOLD_SECTIONS),
         "scale": cfg.scale,
-        "methods": sorted(set(previous.get("methods", [])) | set(methods), key=METHODS.index),
+        "methods": sorted(set(previous.get("methods", [])) | set(methods), key=ALL_METHODS.index),
         "k": cfg.cv.k,
         "seeds": {"cv": cfg.cv.seed, "pretrain": cfg.pretrain.seed, "finetune": cfg.finetune.seed,
                   "evaluate": cfg.evaluate.seed},

@@ -5,9 +5,11 @@ prediction of the tuning fold and the test fold, the threshold tuned on the tuni
 by default: one threshold per method, the E9 objective averaged over every (fold model, tuning
 case) pair with lesions; or per fold), the threshold written into the fold checkpoints,
 evaluation of every test case at its threshold, pooled over all test folds (each case scored by
-its own fold model). Every step is resumable (see :mod:`sap.cv.rundir`); ``folds`` restricts
-the run to some test folds so a study can be split across machines, and :func:`finalize_method`
-(also called by ``sap report``) completes a method once all its folds are on disk.
+its own fold model). The non-learning reference detector (:mod:`sap.cv.reference`) goes through
+the same predict → tune → evaluate steps with its intensity map in place of a fold model. Every
+step is resumable (see :mod:`sap.cv.rundir`); ``folds`` restricts the run to some test folds so a
+study can be split across machines, and :func:`finalize_method` (also called by ``sap report``)
+completes a method once all its folds are on disk.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from sap.cv.progress import Progress, Task
 from sap.cv.rundir import (
     INIT_OF,
     PRETRAIN_OF,
+    REFERENCE,
     STUDY_SECTIONS,
     RunDir,
     clear_folder,
@@ -46,7 +49,10 @@ from sap.errors import SapError
 
 #: rough budgets per step at demo scale (SPEC §10), seconds; only for the "remaining" display
 DEMO_ESTIMATES = {"pretrain": 90.0, "finetune": 30.0, "predict": 20.0, "finalize": 15.0, "features": 20.0,
-                  "report": 60.0, "export": 10.0}
+                  "report": 60.0, "export": 10.0, "reference": 5.0}
+#: FROC mode of the study's evaluation: candidate mode (SPEC E8), monotone by construction; the
+#: report marks the operating point from the evaluation at the tuned threshold
+FROC_MODE = "candidate"
 
 
 def _log(message: str) -> None:
@@ -54,8 +60,9 @@ def _log(message: str) -> None:
 
 
 def evaluation_settings(cfg: Config, threshold: float | None = None, min_volume_ml: float | None = None) -> Any:
-    """The §9 settings of a study: sweep-mode FROC over the tuning grid (so the operating point lies
-    on the curve), everything else from the ``evaluate`` section."""
+    """The §9 settings of a study: candidate-mode FROC (monotone; the operating point comes from the
+    evaluation at the tuned threshold, not from the curve), everything else from the ``evaluate``
+    section."""
     from sap.metrics import EvaluationSettings
 
     e = cfg.evaluate
@@ -63,7 +70,7 @@ def evaluation_settings(cfg: Config, threshold: float | None = None, min_volume_
         threshold=e.threshold if threshold is None else float(threshold),
         t_min=e.t_min, tolerance_mm=e.tolerance_mm, connectivity=e.connectivity,
         min_volume_ml=e.min_volume_ml if min_volume_ml is None else float(min_volume_ml),
-        volume_threshold_ml=e.volume_threshold_ml, froc="sweep", grid=tuple(cfg.tuning.grid),
+        volume_threshold_ml=e.volume_threshold_ml, froc=FROC_MODE, grid=tuple(cfg.tuning.grid),
         n_bootstrap=e.n_bootstrap, seed=e.seed,
     )
 
@@ -78,7 +85,7 @@ class Study:
         self.cfg = cfg
         self.run = RunDir(Path(cfg.out))
         self.overwrite = overwrite
-        self.fold_hashes = {m: fold_hash(cfg, m) for m in ("baseline", "ssl", "sap")}
+        self.fold_hashes = {m: fold_hash(cfg, m) for m in ("baseline", "ssl", "sap", REFERENCE)}
         self.pretrain_hashes = {s: pretrain_hash(cfg, s) for s in ("skeletal", "ssl")}
         self.study_hash = settings_hash(cfg, STUDY_SECTIONS)
         self.cohort: Cohort = discover_cohort(cfg.data, require=("patients",))
@@ -133,20 +140,34 @@ class Study:
 
     def predict(self, method: str, fold: int) -> None:
         """Probability maps of the tuning fold (into the fold folder) and of the test fold (into
-        ``RUN/{method}/predictions``). Files already written are kept (writes are atomic)."""
+        ``RUN/{method}/predictions``). Files already written are kept (writes are atomic).
+
+        ``method`` ``reference``: the reference detector's maps (:mod:`sap.cv.reference`; the same
+        for every fold, written per fold so tuning and evaluation read them like a network's)."""
         folder = self.run.fold(method, fold)
-        if self._done(folder, "predict", self.fold_hashes[method]):
+        # the reference has no fine-tuning step to clear stale maps: its predict step does (--overwrite)
+        if self._done(folder, "predict", self.fold_hashes[method], clear=method == REFERENCE, method=method,
+                      fold=fold):
             return
         t0 = time.perf_counter()
         jobs = [(c, self.run.tuning_predictions(method, fold)) for c in self.splits.tuning_cases()]
         jobs += [(c, self.run.predictions(method)) for c in self.splits.test_cases(fold)]
         todo = [(c, out) for c, out in jobs if not (out / f"{c}_prob.nii.gz").is_file()]
         if todo:
-            predictor = stages.load_predictor(self.fold_checkpoint(method, fold), self.cfg)
+            if method == REFERENCE:
+                from sap.cv.reference import reference_probability
+
+                def probability(case: Case) -> tuple[np.ndarray, Any]:
+                    return reference_probability(case, self.cfg)
+            else:
+                predictor = stages.load_predictor(self.fold_checkpoint(method, fold), self.cfg)
+
+                def probability(case: Case) -> tuple[np.ndarray, Any]:
+                    return stages.predict_probability(predictor, case, self.cfg)
             from tqdm.auto import tqdm
 
             for case_id, out in tqdm(todo, desc=f"predict {method} fold {fold}", unit="case", file=sys.stderr):
-                prob, geometry = stages.predict_probability(predictor, self.cases[case_id], self.cfg)
+                prob, geometry = probability(self.cases[case_id])
                 out.mkdir(parents=True, exist_ok=True)
                 write_image(np.asarray(prob, dtype=np.float32), geometry, out / f"{case_id}_prob.nii.gz",
                             overwrite=True)
@@ -187,7 +208,8 @@ class Study:
             return False
         folder = self.run.method(method)
         marker = read_marker(folder, "finalize")
-        if marker is not None and marker.get("config_hash") == self.study_hash:
+        # an evaluation stored by an older sap with another FROC mode is redone (it is cheap)
+        if marker is not None and marker.get("config_hash") == self.study_hash and marker.get("froc") == FROC_MODE:
             return True
         t0 = time.perf_counter()
         operating = self.tune(method)
@@ -199,7 +221,7 @@ class Study:
                     stages.set_checkpoint_threshold(path, point["threshold"], point["min_volume_ml"])
         self.evaluate(method, operating)
         mark_done(folder, "finalize", self.study_hash, time.perf_counter() - t0,
-                  threshold=operating["threshold"], min_volume_ml=operating["min_volume_ml"])
+                  threshold=operating["threshold"], min_volume_ml=operating["min_volume_ml"], froc=FROC_MODE)
         return True
 
     def _tuning_counts(self, prob_dir: Path) -> list[dict]:
@@ -296,7 +318,10 @@ class Study:
 
         t, mv, best, _ = tune_threshold(self._tuning_counts(ens_dir), self.cfg.tuning.objective)
         members = [self.fold_checkpoint(method, f) for f in folds]
-        bundle = stages.write_bundle(members, t, mv, out / method, method, tuning_objective_value=best)
+        from sap.cv.provenance import synthetic_training_data
+
+        bundle = stages.write_bundle(members, t, mv, out / method, method, tuning_objective_value=best,
+                                     **synthetic_training_data(self.cfg.data.root))
         atomic_write_text(self.run.method(method) / "ensemble_threshold.json",
                           json.dumps(nan_to_none({"threshold": t, "min_volume_ml": mv, "objective_value": best,
                                                   "bundle": str(bundle)}), indent=1) + "\n")
@@ -318,7 +343,11 @@ def plan_tasks(study: Study, methods: list[str], folds: list[int], export: Path 
                               lambda m=method, f=fold: study.finetune(m, f), est["finetune"]))
             tasks.append(Task(f"predict {method} fold {fold}",
                               lambda m=method, f=fold: study.predict(m, f), est["predict"]))
-    for method in methods:
+    # the reference detector: no training; predicted per fold like a network, then tuned and evaluated
+    for fold in folds:
+        tasks.append(Task(f"predict {REFERENCE} fold {fold}",
+                          lambda f=fold: study.predict(REFERENCE, f), est["reference"]))
+    for method in (*methods, REFERENCE):
         tasks.append(Task(f"threshold + evaluation {method}", lambda m=method: study.finalize(m), est["finalize"]))
     if "ssl" in methods and "sap" in methods:
         from sap.cv.features import compute_features
@@ -379,6 +408,10 @@ def finalize_run(run_root: Path, overwrite: bool = False) -> Study | None:
     cfg = load_run_config(run.config)
     cfg.out = str(run.root)
     study = Study(cfg, overwrite=overwrite)
+    # the reference detector needs no training: a run whose reference maps are missing (an older
+    # run, or folds that ran elsewhere) gets them here, from sap.data alone (no torch)
+    for fold in study.splits.test_folds:
+        study.predict(REFERENCE, fold)
     methods = run.methods_present()
     for method in methods:
         study.finalize(method)
