@@ -123,15 +123,21 @@ def test_burden_is_heterogeneous_with_a_lesion_free_exam(tiny):
 
 
 def test_lesion_volumes_follow_the_study_on_tiny(tiny):
-    volumes = np.array([lesion["volume_ml"] for c in _cases(tiny) for lesion in c["lesions"]])
+    """The study's distribution times the preset's volume scale (recorded in cohort.json)."""
+    scale = json.loads((tiny / "cohort.json").read_text())["lesion_volume_scale"]
+    assert scale == PRESETS["tiny"].lesion_volume_scale
+    volumes = np.array([lesion["volume_ml"] for c in _cases(tiny) for lesion in c["lesions"]]) / scale
     assert volumes.size >= 15
     assert 0.3 <= np.median(volumes) <= 0.8
     assert 0.15 <= np.mean(volumes >= 1.0) <= 0.35
 
 
-def test_lesion_volumes_follow_the_study_on_a_larger_sample():
-    """24 patients at demo voxel size, lesions placed without rendering or writing files."""
-    preset = dataclasses.replace(PRESETS["demo"], scans_per_subject=(), n_patients=24, n_lesion_free=0, max_lesions=12)
+@pytest.mark.parametrize("scale", [1.0, PRESETS["demo"].lesion_volume_scale])
+def test_lesion_volumes_follow_the_study_on_a_larger_sample(scale):
+    """24 patients at demo voxel size, lesions placed without rendering or writing files; with the
+    demo's volume scale the distribution is the study's times the scale (the bones still hold it)."""
+    preset = dataclasses.replace(PRESETS["demo"], scans_per_subject=(), n_patients=24, n_lesion_free=0,
+                                 max_lesions=12, lesion_volume_scale=scale)
     jobs = plan_cohort(preset, "mr", seed=11)
     volumes, sites = [], set()
     voxel_ml = float(np.prod(preset.spacing)) / 1000
@@ -148,7 +154,7 @@ def test_lesion_volumes_follow_the_study_on_a_larger_sample():
             assert values.size == 1 and values[0] == finding.bone
             sites.add(finding.region)
         assert not np.any((exam.mimics > 0) & (exam.lesions > 0))
-    volumes = np.array(volumes)
+    volumes = np.array(volumes) / scale
     assert volumes.size >= 100
     assert 0.3 <= np.median(volumes) <= 0.8
     assert 0.15 <= np.mean(volumes >= 1.0) <= 0.35

@@ -170,12 +170,13 @@ def synthesize_real_exam(job: ExamJob) -> Exam:
     if job.group == "patients":
         placer = Placer(anatomy.bone, spacing, placement_rng)
         kinds = lesion_kinds(job, placement_rng)
-        lesion_findings = place_lesions(placer, lesions, list(job.lesion_volumes_ml), kinds)
+        scale = job.preset.lesion_volume_scale
+        lesion_findings = place_lesions(placer, lesions, list(job.lesion_volumes_ml), kinds, rib_max_ml=1.5 * scale)
         soft = (anatomy.labels == 0) & ndimage.binary_erosion(body, iterations=3) & (anatomy.bone == 0)
         plan = dict(job.mimics)
         if source.modality == "ct" and plan.get("implant"):
             plan["implant"] = 0  # real CT brings its own dense objects; do not add metal on top
-        mimic_findings = place_mimics(placer, mimics, plan, soft)
+        mimic_findings = place_mimics(placer, mimics, plan, soft, scale=scale)
     lesion = lesions > 0
     shape = anatomy.image.shape
     heterogeneity = smooth_noise(render_rng, shape, coarse=2)

@@ -137,9 +137,11 @@ def phantom_exam(job: ExamJob) -> PhantomExam:
     if job.group == "patients":
         placer = Placer(phantom.bone, preset.spacing, placement_rng)
         kinds = lesion_kinds(job, placement_rng)
-        lesion_findings = place_lesions(placer, lesions, list(job.lesion_volumes_ml), kinds)
+        lesion_findings = place_lesions(
+            placer, lesions, list(job.lesion_volumes_ml), kinds, rib_max_ml=1.5 * preset.lesion_volume_scale
+        )
         soft = phantom.tissue == T["visceral_fat"]
-        mimic_findings = place_mimics(placer, mimics, dict(job.mimics), soft)
+        mimic_findings = place_mimics(placer, mimics, dict(job.mimics), soft, scale=preset.lesion_volume_scale)
     return PhantomExam(phantom, lesions, mimics, lesion_findings, mimic_findings)
 
 
@@ -229,7 +231,7 @@ def plan_cohort(preset: Preset, modality: str, seed: int, sources: list[AnatomyS
                 source=source_for(s - 1),
             ))
     counts = burden_plan(rng, preset.n_patients, preset.n_lesion_free, preset.max_lesions)
-    volumes = split_volumes(sample_lesion_volumes(rng, sum(counts)), counts)
+    volumes = split_volumes(sample_lesion_volumes(rng, sum(counts), preset.lesion_volume_scale), counts)
     mimics = mimic_plan(rng, preset.n_patients)
     names, weights = zip(*CT_PHENOTYPES, strict=True)
     for p in range(1, preset.n_patients + 1):
@@ -342,6 +344,8 @@ def make_cohort(
             "modality": modality,
             "channels": list(CHANNELS[modality]),
             "seed": seed,
+            "synthetic": True,
+            "lesion_volume_scale": chosen.lesion_volume_scale,
             "sap_version": __version__,
             "voxel_size_mm": first["voxel_size_mm"] if same_grid else None,
             "grid": first["grid"] if same_grid else None,

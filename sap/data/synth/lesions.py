@@ -56,11 +56,13 @@ class Finding:
         return region_name(self.bone) if self.bone not in (RIB, OTHER_BONE) else region_name(0)
 
 
-def sample_lesion_volumes(rng: np.random.Generator, n: int) -> np.ndarray:
-    """Target volumes (mL) of ``n`` lesions from the study's log-normal, clipped to [0.03, 25].
+def sample_lesion_volumes(rng: np.random.Generator, n: int, scale: float = 1.0) -> np.ndarray:
+    """Target volumes (mL) of ``n`` lesions from the study's log-normal, clipped to [0.03, 25],
+    times ``scale``.
 
     Stratified (one draw per quantile bin, shuffled), so even a small cohort's lesions follow
-    the distribution closely: median ≈ 0.5 mL, ≈ 25 % ≥ 1 mL.
+    the distribution closely: median ≈ 0.5 mL, ≈ 25 % ≥ 1 mL (× ``scale``: the same quantiles,
+    so ≈ 25 % ≥ ``scale`` mL).
     """
     from scipy.special import ndtri
 
@@ -68,7 +70,7 @@ def sample_lesion_volumes(rng: np.random.Generator, n: int) -> np.ndarray:
         return np.zeros(0)
     quantiles = (rng.permutation(n) + rng.uniform(0.05, 0.95, size=n)) / n
     volumes = np.exp(np.log(LESION_MEDIAN_ML) + LESION_SIGMA * ndtri(quantiles))
-    return np.clip(volumes, LESION_MIN_ML, LESION_MAX_ML)
+    return scale * np.clip(volumes, LESION_MIN_ML, LESION_MAX_ML)
 
 
 def split_volumes(volumes: np.ndarray, counts: list[int]) -> list[list[float]]:
@@ -229,13 +231,14 @@ def place_lesions(
     volumes_ml: list[float],
     kinds: list[str],
     sites: dict[int, float] | None = None,
+    rib_max_ml: float = 1.5,
 ) -> list[Finding]:
     """Place one lesion per target volume (mL); write ids 1..n into ``instances`` (int array, in place).
 
     The measured volume is the voxel count at ``placer.spacing`` (target rounded to whole voxels,
     smaller only when the bone cannot hold it). ``kinds`` gives each lesion's appearance class. A lesion's site is drawn among the bones that
     can hold its target volume; when no bone has room the lesion is dropped (rare; the returned
-    list is what was placed).
+    list is what was placed). Ribs take lesions up to ``rib_max_ml`` only.
     """
     sites = LESION_SITES if sites is None else sites
     voxel_ml = float(np.prod(placer.spacing)) / 1000.0
@@ -245,7 +248,7 @@ def place_lesions(
     for volume, kind in zip(volumes, kinds, strict=True):
         n_voxels = max(1, int(round(volume / voxel_ml)))
         # a bone is a candidate when its interior is several times the lesion (ribs: small lesions only)
-        options = [v for v, count in present.items() if count >= 4 * n_voxels and (v != RIB or volume <= 1.5)]
+        options = [v for v, count in present.items() if count >= 4 * n_voxels and (v != RIB or n_voxels * voxel_ml <= rib_max_ml)]
         if not options:
             options = [v for v, count in present.items() if count > 0]
         if not options:
@@ -262,10 +265,13 @@ def place_lesions(
     return found
 
 
-def place_mimics(placer: Placer, mimic_map: np.ndarray, plan: dict[str, int], soft_tissue: np.ndarray) -> list[Finding]:
+def place_mimics(
+    placer: Placer, mimic_map: np.ndarray, plan: dict[str, int], soft_tissue: np.ndarray, scale: float = 1.0
+) -> list[Finding]:
     """Place the mimics of ``plan`` (kind → count); write 1 + kind index into ``mimic_map``.
 
-    ``soft_tissue`` marks where lymph nodes may sit (abdominal and pelvic fat).
+    ``soft_tissue`` marks where lymph nodes may sit (abdominal and pelvic fat). ``scale``
+    multiplies mimic volumes like lesion volumes, so mimics stay lesion-sized in a scaled cohort.
     """
     voxel_ml = float(np.prod(placer.spacing)) / 1000.0
     rng = placer.rng
@@ -284,7 +290,7 @@ def place_mimics(placer: Placer, mimic_map: np.ndarray, plan: dict[str, int], so
             else:  # implant: a rod in a femur
                 where = 5
                 volume, elongation = rng.uniform(2.0, 5.0), 3.0
-            placed = placer.place(where, max(1, int(round(volume / voxel_ml))), elongation=elongation)
+            placed = placer.place(where, max(1, int(round(scale * volume / voxel_ml))), elongation=elongation)
             if placed is None:
                 continue
             crop, blob = placed

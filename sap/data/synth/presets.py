@@ -21,10 +21,15 @@ class Preset:
     n_patients: int
     n_lesion_free: int
     max_lesions: int  #: upper end of the high-burden group
+    #: lesion and mimic volumes are the study's distribution times this factor (1 = the paper's
+    #: median 0.5 mL); a coarse grid needs larger lesions to span learnable voxel counts
+    lesion_volume_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if len(self.grid) != 3 or min(self.grid) < 8 or len(self.spacing) != 3 or min(self.spacing) <= 0:
             raise SapError(f"preset {self.name}: grid must be three sizes >= 8 and spacing three positive mm values")
+        if not self.lesion_volume_scale > 0:
+            raise SapError(f"preset {self.name}: lesion_volume_scale must be positive")
         if not 0 <= self.n_lesion_free <= self.n_patients or min(self.scans_per_subject, default=1) < 1:
             raise SapError(f"preset {self.name}: needs 0 <= lesion-free <= patients and >= 1 scan per subject")
 
@@ -33,18 +38,21 @@ class Preset:
         return sum(self.scans_per_subject)
 
     def describe(self) -> str:
+        scaled = f", lesion volumes x{self.lesion_volume_scale:g}" if self.lesion_volume_scale != 1 else ""
         return (
             f"{self.name}: {self.n_healthy} healthy scans from {len(self.scans_per_subject)} subjects, "
             f"{self.n_patients} patients ({self.n_lesion_free} lesion-free), grid "
-            f"{'x'.join(map(str, self.grid))} at {'x'.join(f'{s:g}' for s in self.spacing)} mm"
+            f"{'x'.join(map(str, self.grid))} at {'x'.join(f'{s:g}' for s in self.spacing)} mm{scaled}"
         )
 
 
 PRESETS: dict[str, Preset] = {
-    # tests: seconds to build; same voxel size as demo, so lesion volumes behave the same
-    "tiny": Preset("tiny", (64, 64, 128), (5.5, 4.0, 5.5), (2, 2), 6, 1, 14),
-    # the demo: neck to thighs, all nine regions in every exam
-    "demo": Preset("demo", (64, 64, 128), (5.5, 4.0, 5.5), (2, 2, 2), 9, 1, 25),
+    # tests: seconds to build; same voxel size and lesion scale as demo, so lesions behave the same
+    "tiny": Preset("tiny", (64, 64, 128), (5.5, 4.0, 5.5), (2, 2), 6, 1, 14, lesion_volume_scale=8.0),
+    # the demo: neck to thighs, all nine regions in every exam. At 0.121 mL a voxel the study's
+    # lesions (median 0.5 mL) would be 4 voxels; x8 gives a median of ~33 voxels, the order of
+    # the paper's lesions at 2 mm (0.5 mL = 62 voxels), and about a quarter >= 8 mL
+    "demo": Preset("demo", (64, 64, 128), (5.5, 4.0, 5.5), (2, 2, 2), 9, 1, 25, lesion_volume_scale=8.0),
     # paper scale: 71 healthy scans of 24 subjects, 40 patients, 2 mm
     "paper": Preset("paper", (176, 128, 352), (2.0, 2.0, 2.0), (3,) * 23 + (2,), 40, 3, 40),
 }
