@@ -55,6 +55,8 @@ LOG_COLUMNS = (
     "lr",
     "lr_decoder",
     "loss",
+    "loss_dice",
+    "loss_ce",
     "epoch",
     "val_f2",
     "val_sensitivity",
@@ -279,6 +281,23 @@ def config_differences(stored: dict[str, Any], current: dict[str, Any], prefix: 
     return out
 
 
+def lesion_loss(cfg: Config) -> Any:
+    """SPEC §7's loss: MONAI ``DiceCELoss`` with the background excluded from the Dice term and
+    ``finetune.dice_smooth`` as its smoothing (see :class:`sap.config.FinetuneConfig`)."""
+    from monai.losses import DiceCELoss
+
+    smooth = cfg.finetune.dice_smooth
+    return DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, smooth_nr=smooth, smooth_dr=smooth)
+
+
+def loss_terms(loss_fn: Any, logits: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(total, Dice term, CE term) of a ``DiceCELoss``: the total is what it would return; the terms
+    are logged apart so a log shows which one moves."""
+    dice_term = loss_fn.dice(logits, label)
+    ce_term = loss_fn.ce(logits, label)
+    return loss_fn.lambda_dice * dice_term + loss_fn.lambda_ce * ce_term, dice_term, ce_term
+
+
 def _step_seed(seed: int, step: int, rank: int) -> int:
     """Seed of torch's generator for one optimiser step of one rank (exact resume, DDP-safe)."""
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
@@ -326,8 +345,6 @@ def run_finetune(
     atomically at every validation (every ``finetune.val_every_steps`` steps and after the last),
     ``log.csv`` (+ TensorBoard), the resolved ``config.yaml`` and ``summary.json``.
     """
-    from monai.losses import DiceCELoss
-
     from sap.models.swin import init_output_prior
     from sap.models.training import (
         LoopState,
@@ -412,7 +429,7 @@ def run_finetune(
     stream = batch_stream(
         sampler, cursor, rank=rank, num_workers=f.num_workers, pin_memory=device.type == "cuda"
     )
-    loss_fn = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True)
+    loss_fn = lesion_loss(cfg)
 
     def draw_batch() -> tuple[torch.Tensor, torch.Tensor]:
         torch.manual_seed(_step_seed(f.seed, loop.step, rank))
@@ -423,8 +440,13 @@ def run_finetune(
 
     def step_fn(net: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         image, label = batch
-        loss = loss_fn(net(image), label)
-        return loss, {"loss": float(loss.detach()), "epoch": float(cursor.epoch)}
+        loss, dice_term, ce_term = loss_terms(loss_fn, net(image), label)
+        return loss, {
+            "loss": float(loss.detach()),
+            "loss_dice": float(dice_term.detach()),
+            "loss_ce": float(ce_term.detach()),
+            "epoch": float(cursor.epoch),
+        }
 
     def decoder_lr(state: LoopState, last: bool) -> dict[str, float]:
         # after the scheduler step, like the loop's "lr" (the first group: encoder or all)
