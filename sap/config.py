@@ -88,10 +88,6 @@ class PretrainConfig:
     num_workers: int = 0
     amp: bool = True  #: used only on a GPU
     seed: int = 42
-    #: soft-Dice smoothing of the skeletal loss, as ``finetune.dice_smooth``: with MONAI's 1e-5 a
-    #: class absent from a patch scores a constant 1, so predicting it there (femur as humerus)
-    #: costs nothing in the Dice term
-    dice_smooth: float = 1.0
     ssl: SSLConfig = field(default_factory=SSLConfig)
 
 
@@ -331,10 +327,8 @@ def _check_choices(cfg: Config, problems: list[str]) -> None:
         problems.append(f"model.patch_size: {cfg.model.patch_size} must be three sizes divisible by 32")
     if cfg.model.feature_size % 12:
         problems.append(f"model.feature_size: {cfg.model.feature_size} must be a multiple of 12")
-    for section in ("pretrain", "finetune"):
-        smooth = getattr(cfg, section).dice_smooth
-        if not smooth >= 0:
-            problems.append(f"{section}.dice_smooth: {smooth} must be >= 0")
+    if not cfg.finetune.dice_smooth >= 0:
+        problems.append(f"finetune.dice_smooth: {cfg.finetune.dice_smooth} must be >= 0")
     if cfg.cv.k < 3:
         problems.append(f"cv.k: {cfg.cv.k} must be at least 3 (tuning fold + two test folds)")
     for name in cfg.cv.methods:

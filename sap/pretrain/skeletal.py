@@ -157,8 +157,7 @@ def train_skeletal(
         batch = next(stream)
         return batch["image"].to(device), batch["label"].to(device).long()
 
-    smooth = cfg.pretrain.dice_smooth
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, smooth_nr=smooth, smooth_dr=smooth)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
 
     def step_fn(net: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         image, label = batch
