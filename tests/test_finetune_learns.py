@@ -45,16 +45,20 @@ def test_loss_terms_add_up_to_monai_dice_ce():
     assert 0 < float(dice_term) < 1 and float(ce_term) > 0
 
 
-def test_negative_patch_dice_term_rewards_predicting_nothing():
-    """With MONAI's 1e-5 smoothing an empty patch scores Dice loss 1 whatever is predicted; ours
-    falls towards 0 as the predicted lesion volume falls, so negatives teach and the loss moves."""
-    loss_fn = lesion_loss(load_config("tiny"))
+@pytest.mark.parametrize("smooth", [1e-5, 1.0])
+def test_dice_smooth_sets_what_a_negative_patch_teaches(smooth):
+    """With MONAI's 1e-5 smoothing (the default) an empty patch scores Dice loss 1 whatever is
+    predicted; with ``finetune.dice_smooth=1`` it falls towards 0 as predicted lesion voxels vanish."""
+    loss_fn = lesion_loss(load_config("tiny", [f"finetune.dice_smooth={smooth}"]))
     label = torch.zeros(1, 1, 8, 8, 8, dtype=torch.long)
     confident = torch.zeros(1, 2, 8, 8, 8)
     confident[:, 0] = 12.0  # background everywhere
     unsure = torch.zeros(1, 2, 8, 8, 8)  # 50 % lesion everywhere
-    assert float(loss_fn.dice(confident, label)) < 0.1
     assert float(loss_fn.dice(unsure, label)) > 0.9
+    if smooth < 1e-3:
+        assert float(loss_fn.dice(confident, label)) > 0.9
+    else:
+        assert float(loss_fn.dice(confident, label)) < 0.1
 
 
 def test_fine_tuning_overfits_one_tiny_exam(tiny_cohort):
