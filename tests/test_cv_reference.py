@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from sap.config import DataConfig
-from sap.cv.reference import lesion_channel, reference_map
+from sap.cv.reference import REFERENCE_FLOOR_PERCENTILE, lesion_channel, reference_map
 from sap.data.preprocess import body_mask, normalise
 from tests.cv_fixtures import make_fake_study
 
@@ -30,11 +30,15 @@ def test_reference_map_is_the_normalised_lesion_channel_inside_the_body():
     data = DataConfig(modality="mr", channels=["T1", "b1000"])
     prob = reference_map(image, ["T1", "b1000"], data)
     body = body_mask(image, "mr")
-    expected = np.clip(normalise(image, body, data)[1], 0, 1) * (body > 0)
+    normalised = np.clip(normalise(image, body, data)[1], 0, 1)
+    floor = np.percentile(normalised[body > 0], REFERENCE_FLOOR_PERCENTILE)
+    expected = np.clip((normalised - floor) / (1 - floor), 0, 1) * (body > 0)
     assert prob.dtype == np.float32 and prob.shape == image.shape[1:]
-    np.testing.assert_array_equal(prob, expected)
+    np.testing.assert_allclose(prob, expected, atol=1e-6)
     assert prob.min() >= 0 and prob.max() <= 1 and np.all(prob[body == 0] == 0)
     assert prob[9, 9, 7] == 1.0  # the lesion is as bright as the map goes
+    # the body's ordinary tissue is below the FROC's t_min, so candidates are bright structures only
+    assert np.mean(prob[body > 0] >= 0.05) <= 1 - REFERENCE_FLOOR_PERCENTILE / 100 + 1e-9
 
 
 def test_reference_tuning_reads_only_tuning_fold_cases(tmp_path, monkeypatch):

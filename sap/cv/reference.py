@@ -2,7 +2,9 @@
 
 Its "probability" map is the lesion-bright channel, normalised exactly as the networks' input is
 (:func:`sap.data.preprocess.normalise` with the run's ``data`` settings, over the body mask of
-:func:`sap.data.preprocess.body_mask`), clipped to [0, 1] and set to 0 outside the body. The
+:func:`sap.data.preprocess.body_mask`), clipped to [0, 1], rescaled so that the body's 90th
+intensity percentile is 0 (so FROC candidates at t_min are bright structures, not the whole body),
+and set to 0 outside the body. The
 study then treats it like a network's output: the tuning fold's maps are tuned with the same E9
 code, grid and minimum-volume grid, and the test folds are evaluated with the same evaluation
 code (:class:`sap.cv.study.Study`). It learns nothing, so a network that does not beat it has
@@ -31,6 +33,8 @@ from sap.config import Config, DataConfig
 from sap.data.cases import Case
 from sap.data.preprocess import body_mask, load_case, normalise
 
+#: body intensity percentile that maps to 0 (ours): lesions are far rarer than 10 % of the body
+REFERENCE_FLOOR_PERCENTILE = 90.0
 #: the lesion-bright MR channel (matched case-insensitively)
 MR_LESION_CHANNEL = "b1000"
 
@@ -56,7 +60,18 @@ def reference_map(image: np.ndarray, channel_names: list[str], data: DataConfig)
     c = lesion_channel(data, channel_names)
     out = normalise(image[c : c + 1], body, data)[0]
     np.clip(out, 0.0, 1.0, out=out)
-    out[body == 0] = 0.0
+    # Rescale so the body's 90th intensity percentile maps to 0 (monotone: still a threshold on
+    # the intensity). Without it almost every body voxel lies above t_min = 0.05, the FROC's
+    # candidates merge into one body-sized component that "hits" every lesion at 0 FPPI, and the
+    # reference's FROC-AUC is the maximum whatever its real false positives.
+    inside = body > 0
+    if inside.any():
+        floor = np.float32(np.percentile(out[inside], REFERENCE_FLOOR_PERCENTILE))
+        if floor < 1:
+            out -= floor
+            out /= np.float32(1.0) - floor
+            np.clip(out, 0.0, 1.0, out=out)
+    out[~inside] = 0.0
     return out
 
 
