@@ -1,7 +1,8 @@
 """``sap demo``: synthetic cohort + the whole study + report at demo scale (SPEC §10).
 
-Budget on a 2-core CPU: synth ≤ 60 s, each pretraining ≤ 90 s, 6 fine-tunes ≤ 30 s each,
-predictions + evaluation ≤ 3 min, report ≤ 90 s: at most 15 minutes. Re-running reuses every
+At most 15 minutes on a 2-core CPU, and the models learn: about 2 minutes of skeletal pretraining,
+six fine-tunes of 60 steps (≈ 75 s each), predictions, evaluation, t-SNE and report (measured
+per stage in BENCHMARKS.md; settings and their deviations from the paper in docs/report.md). Re-running reuses every
 finished step (the cohort too), so an interrupted demo continues where it stopped.
 """
 

@@ -281,21 +281,35 @@ def config_differences(stored: dict[str, Any], current: dict[str, Any], prefix: 
     return out
 
 
-def lesion_loss(cfg: Config) -> Any:
-    """SPEC §7's loss: MONAI ``DiceCELoss`` with the background excluded from the Dice term and
-    ``finetune.dice_smooth`` as its smoothing (see :class:`sap.config.FinetuneConfig`)."""
-    from monai.losses import DiceCELoss
+class LesionLoss(torch.nn.Module):
+    """SPEC §7's Dice + CE, with the soft-Dice term only where it is defined.
 
-    smooth = cfg.finetune.dice_smooth
-    return DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, smooth_nr=smooth, smooth_dr=smooth)
+    The Dice term is MONAI's ``DiceLoss(include_background=False)`` per patch, averaged over the
+    patches of the batch that hold lesion voxels; CE (``torch.nn.CrossEntropyLoss``) covers every
+    patch. A lesion-free patch has no Dice (0/0): ``monai.losses.DiceCELoss`` scores it a constant
+    1 with no gradient, so half of every instance-balanced epoch logged a loss of 1 whatever the
+    model had learned. Here such a patch teaches through CE alone, as it did before, and the logged
+    loss falls as the model learns. With lesions in every patch the value equals ``DiceCELoss``.
+    """
 
+    def __init__(self) -> None:
+        super().__init__()
+        from monai.losses import DiceLoss
 
-def loss_terms(loss_fn: Any, logits: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(total, Dice term, CE term) of a ``DiceCELoss``: the total is what it would return; the terms
-    are logged apart so a log shows which one moves."""
-    dice_term = loss_fn.dice(logits, label)
-    ce_term = loss_fn.ce(logits, label)
-    return loss_fn.lambda_dice * dice_term + loss_fn.lambda_ce * ce_term, dice_term, ce_term
+        self.dice = DiceLoss(include_background=False, to_onehot_y=True, softmax=True, reduction="none")
+        self.cross_entropy = torch.nn.CrossEntropyLoss()
+
+    def terms(self, logits: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(total, Dice term, CE term) for logits ``(B, 2, X, Y, Z)`` and labels ``(B, 1, X, Y, Z)``."""
+        batch = logits.shape[0]
+        per_patch = self.dice(logits, label).reshape(batch, -1).mean(dim=1)
+        has_lesion = label.reshape(batch, -1).any(dim=1).to(per_patch.dtype)
+        dice_term = (per_patch * has_lesion).sum() / has_lesion.sum().clamp(min=1.0)
+        ce_term = self.cross_entropy(logits, label[:, 0].long())
+        return dice_term + ce_term, dice_term, ce_term
+
+    def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        return self.terms(logits, label)[0]
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
@@ -429,7 +443,7 @@ def run_finetune(
     stream = batch_stream(
         sampler, cursor, rank=rank, num_workers=f.num_workers, pin_memory=device.type == "cuda"
     )
-    loss_fn = lesion_loss(cfg)
+    loss_fn = LesionLoss()
 
     def draw_batch() -> tuple[torch.Tensor, torch.Tensor]:
         torch.manual_seed(_step_seed(f.seed, loop.step, rank))
@@ -440,7 +454,7 @@ def run_finetune(
 
     def step_fn(net: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         image, label = batch
-        loss, dice_term, ce_term = loss_terms(loss_fn, net(image), label)
+        loss, dice_term, ce_term = loss_fn.terms(net(image), label)
         return loss, {
             "loss": float(loss.detach()),
             "loss_dice": float(dice_term.detach()),
