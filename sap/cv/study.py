@@ -43,9 +43,10 @@ from sap.cv.rundir import (
     write_manifest,
 )
 from sap.data.cases import Case, Cohort, discover_cohort
-from sap.data.io import atomic_write_text, write_image
+from sap.data.io import write_image
 from sap.data.splits import Splits, load_or_create_splits
 from sap.errors import SapError
+from sap.files import atomic_write_text
 
 #: rough budgets per step at demo scale (SPEC §10), seconds; only for the "remaining" display
 DEMO_ESTIMATES = {"pretrain": 90.0, "finetune": 30.0, "predict": 20.0, "finalize": 15.0, "features": 20.0,

@@ -23,8 +23,9 @@ import numpy as np
 
 from sap.config import Config
 from sap.data.cases import Case, Cohort
-from sap.data.io import atomic_write_text, read_image
+from sap.data.io import read_image
 from sap.errors import SapError
+from sap.files import atomic_write_text
 
 SPLITS_VERSION = 1
 
