@@ -169,6 +169,11 @@ class Slice2DConfig:
     val_fraction: float = 0.2  #: validation subjects (patient-level split)
     max_steps: int = 2000
     batch_size: int = 4
+    #: share of each batch drawn from slices holding the target (nnU-Net oversamples foreground);
+    #: null: one shuffled order of all slices
+    positive_fraction: float | None = 0.5
+    #: start the output bias at the training slices' foreground fraction (U-Net, foundation)
+    prior_head: bool = True
     val_every_steps: int = 200
     lr: float = 1.0e-4  #: AdamW, foundation and SAM (paper 000)
     weight_decay: float = 0.01
@@ -212,11 +217,49 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def hash(self, exclude: tuple[str, ...] = ("out",)) -> str:
-        """Stable hash of the settings that change results (paths excluded)."""
-        content = {k: v for k, v in self.to_dict().items() if k not in exclude}
-        content["data"] = {k: v for k, v in content["data"].items() if k not in ("root", "cache_dir")}
+    def hash(self) -> str:
+        """Stable hash of the settings that change results (:data:`PATH_KEYS` excluded)."""
+        content = without_keys(self.to_dict(), PATH_KEYS)
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+#: Keys that say where inputs and outputs are, not what is computed: hashes of settings and the
+#: resume check ignore them, so a run folder or cohort can move.
+PATH_KEYS = ("out", "data.root", "data.healthy", "data.patients", "data.cache_dir")
+#: Keys that change only how fast results come (worker processes); a resume may change them. Step
+#: hashes keep them, so stored studies keep their hashes.
+WORKER_KEYS = ("pretrain.num_workers", "finetune.num_workers", "evaluate.workers")
+
+
+def without_keys(tree: dict[str, Any], dotted: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """Copy of a nested config dict without the ``dotted`` keys (``"data.root"``)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if key in dotted:
+            continue
+        inner = [d[len(key) + 1 :] for d in dotted if d.startswith(f"{key}.")]
+        out[key] = without_keys(value, inner) if inner and isinstance(value, dict) else value
+    return out
+
+
+def config_differences(
+    stored: dict[str, Any], current: dict[str, Any], sections: tuple[str, ...] = (), ignore: tuple[str, ...] = ()
+) -> list[str]:
+    """Dotted keys whose values differ between two config dicts, within ``sections`` (dotted
+    names; empty: everywhere), ignoring :data:`PATH_KEYS`, :data:`WORKER_KEYS` and ``ignore``."""
+    skip = (*PATH_KEYS, *WORKER_KEYS, *ignore)
+
+    def walk(a: Any, b: Any, prefix: str) -> list[str]:
+        if prefix.rstrip(".") in skip:
+            return []
+        if isinstance(a, dict) and isinstance(b, dict):
+            return [d for key in sorted(set(a) | set(b)) for d in walk(a.get(key), b.get(key), f"{prefix}{key}.")]
+        return [] if a == b else [prefix.rstrip(".")]
+
+    found = walk(stored, current, "")
+    if sections:
+        found = [d for d in found if any(d == s or d.startswith(f"{s}.") for s in sections)]
+    return found
 
 
 class ConfigError(SapError):
@@ -322,6 +365,9 @@ def _check_choices(cfg: Config, problems: list[str]) -> None:
         problems.append(f"model.patch_size: {cfg.model.patch_size} must be three sizes divisible by 32")
     if cfg.model.feature_size % 12:
         problems.append(f"model.feature_size: {cfg.model.feature_size} must be a multiple of 12")
+    pf = cfg.slice2d.positive_fraction
+    if pf is not None and not 0.0 <= pf <= 1.0:
+        problems.append(f"slice2d.positive_fraction: {pf} must be between 0 and 1 (or null)")
     if cfg.cv.k < 3:
         problems.append(f"cv.k: {cfg.cv.k} must be at least 3 (tuning fold + two test folds)")
     for name in cfg.cv.methods:
@@ -398,7 +444,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def save_config(cfg: Config, path: str | Path) -> Path:
     """Write the resolved config (atomically) so every output says how it was made."""
-    from sap.data.io import atomic_write_text
+    from sap.files import atomic_write_text
 
     return atomic_write_text(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 

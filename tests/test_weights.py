@@ -193,3 +193,27 @@ def test_report_is_printed(cfg, source_model, capsys):
     load_weights(_fresh(cfg), source_model.state_dict(), expect="sap")
     out = capsys.readouterr().out
     assert "loaded" in out and "missing 0" in out and "expect sap" in out
+
+
+def test_other_shapes_name_the_tensors_and_the_config_key(cfg, tmp_path):
+    """Trained with other attention heads or another width: the error says which setting to change."""
+    from sap.models.weights import restore_model
+
+    heads = load_config("tiny", ["model.num_heads=[3,6,12,24]"])
+    torch.manual_seed(0)
+    trained = build_swin_unetr(heads.model, 2, 2)
+    path = save_checkpoint(
+        make_checkpoint(trained, config=heads.to_dict(), channels=["T1", "b1000"], kind="lesion", out_channels=2),
+        tmp_path / "heads.pt",
+    )
+    with pytest.raises(SapError, match=r"relative_position_bias_table \[2197, 3\] vs model \[2197, 1\].*"
+                                       r"set model.num_heads as the checkpoint was trained: model.num_heads=\[3, 6, 12, 24\]"):
+        load_weights(_fresh(cfg, out_channels=2), path, expect="full", verbose=False)
+    with pytest.raises(SapError, match=r"shape-mismatched.*set model.num_heads"):
+        restore_model(_fresh(cfg, out_channels=2), load_checkpoint(path))
+    wide = load_config("tiny", ["model.feature_size=24"])
+    torch.manual_seed(0)
+    wider = make_checkpoint(build_swin_unetr(wide.model, 2, 2), config=wide.to_dict(), channels=["T1", "b1000"],
+                            kind="lesion", out_channels=2)  # fmt: skip
+    with pytest.raises(SapError, match=r"set model.feature_size as the checkpoint was trained: model.feature_size=24"):
+        load_weights(_fresh(cfg, out_channels=2), wider, expect="sap", verbose=False)

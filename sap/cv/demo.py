@@ -31,7 +31,8 @@ def run_demo(out: str | Path = "sap-demo", seed: int = 0, overrides: list[str] |
     t0 = time.perf_counter()
     if not (cohort / "cohort.json").is_file():
         if progress:
-            from sap.cv.rundir import PRETRAIN_OF, parse_methods
+            from sap.cv.rundir import parse_methods
+            from sap.run_layout import PRETRAIN_OF
 
             chosen = parse_methods(None, cfg.cv.methods)
             # the steps plan_tasks builds: pretraining, 2 per fold, finalize, t-SNE, report, export,

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from sap.data.io import atomic_write_text
 from sap.data.labels import N_SKELETON_CLASSES, region_name
 from sap.errors import SapError
+from sap.files import atomic_write_text
 
 REGION_COLUMNS = ("case", "fold", "kind", "id", "volume_ml", "matched", "region")
 UNKNOWN_REGION = "unknown"

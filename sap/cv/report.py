@@ -28,9 +28,10 @@ from typing import Any
 import numpy as np
 
 from sap import RESEARCH_USE_ONLY, __version__
-from sap.cv.rundir import ALL_METHODS, METHOD_LABELS, METHODS, REFERENCE, RunDir, load_run_config
-from sap.data.io import atomic_write_text
+from sap.cv.rundir import METHOD_LABELS, load_run_config
 from sap.errors import SapError
+from sap.files import atomic_write_text
+from sap.run_layout import ALL_METHODS, METHODS, REFERENCE, RunDir
 
 SCALE_NOTES = {
     "demo": "Demo scale: shows the pipeline, not evidence.",

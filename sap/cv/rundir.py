@@ -1,21 +1,7 @@
-"""The run directory of a cross-validated study (SPEC §1, §10) and its resumability rules.
+"""The resumability rules of a cross-validated study (SPEC §1, §10): step markers, hashes, manifest.
 
-Layout::
-
-    RUN/config.yaml                 resolved config of the study
-    RUN/splits.json                 folds (written once, sap.data.splits)
-    RUN/manifest.json               config hash, package versions, git commit, seeds, durations
-    RUN/pretrain/{skeletal,ssl}/    pretraining (last.pt, best.pt, log.csv)
-    RUN/{method}/fold_{k}/          fine-tuning of test fold k (last.pt, best.pt, log.csv),
-                                    tuning/CASE_prob.nii.gz (tuning fold predicted by this model)
-    RUN/reference/                  the non-learning reference detector (sap.cv.reference): the
-                                    same predictions/, fold_{k}/tuning/, threshold.json and
-                                    evaluation/ as a network method, no training
-    RUN/{method}/predictions/       CASE_prob.nii.gz of every test case, each by its own fold model
-    RUN/{method}/threshold.json     the tuned operating point (shared or per fold)
-    RUN/{method}/evaluation/        patients.csv, lesions.csv, summary.json, regions.csv
-    RUN/features/{ssl,sap}.npz      t-SNE features of the pretrained encoders
-    RUN/report/                     report.md, report.html, figures/*.png, tables/*.csv
+The folder layout itself is :mod:`sap.run_layout` (one place for every stage, the study and the
+report).
 
 Every finished step leaves a marker ``STEP.done.json`` beside its outputs holding the hash of the
 settings the step depends on, its duration and what it wrote. A step whose marker matches is
@@ -33,26 +19,26 @@ import platform
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from sap.config import Config
-from sap.data.io import atomic_write_text
+from sap.config import PATH_KEYS, Config, without_keys
 from sap.errors import SapError
+from sap.files import atomic_write_text
+from sap.run_layout import (
+    ALL_METHODS,
+    FOLD_EXTRA,
+    FOLD_SECTIONS,
+    METHODS,
+    NETWORK_SECTIONS,
+    PRETRAIN_OF,
+    REFERENCE,
+    STUDY_SECTIONS,
+    RunDir,
+)
 
-#: canonical method names in report order; ``scratch`` is an alias of ``baseline``
-METHODS: tuple[str, ...] = ("baseline", "ssl", "sap")
-#: the non-learning reference detector (intensity threshold inside the body; sap.cv.reference):
-#: predicted, tuned and evaluated like a network method, never trained or exported
-REFERENCE = "reference"
-#: every method a run folder and its report can hold, in report order
-ALL_METHODS: tuple[str, ...] = (*METHODS, REFERENCE)
 METHOD_LABELS = {"baseline": "Baseline", "ssl": "SSL", "sap": "SAP", REFERENCE: "Reference"}
-#: fine-tuning init of each method and the pretraining stage it needs (None: none)
-INIT_OF = {"baseline": "scratch", "ssl": "ssl", "sap": "sap"}
-PRETRAIN_OF = {"baseline": None, "ssl": "ssl", "sap": "skeletal"}
 
 MANIFEST_VERSION = 1
 _PACKAGES = ("sap", "torch", "monai", "numpy", "scipy", "SimpleITK", "nibabel",
@@ -96,30 +82,20 @@ def parse_folds(text: str | None, k: int) -> list[int]:
 
 def settings_hash(cfg: Config, sections: tuple[str, ...]) -> str:
     """Hash of the config sections (dotted names allowed) a step depends on; paths excluded."""
-    full = cfg.to_dict()
+    full = without_keys(cfg.to_dict(), PATH_KEYS)
     content: dict[str, Any] = {}
     for dotted in sections:
         node: Any = full
         for part in dotted.split("."):
             node = node[part]
-        if dotted == "data":
-            node = {k: v for k, v in node.items() if k not in ("root", "healthy", "patients", "cache_dir")}
         content[dotted] = node
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
-
-
-#: what each kind of step depends on (a change elsewhere leaves its results valid)
-_NETWORK_SECTIONS = ("scale", "data", "model")
-_FOLD_EXTRA = ("finetune", "infer", "cv.k", "cv.seed", "cv.tuning_in_training", "cv.checkpoint")
-PRETRAIN_SECTIONS = (*_NETWORK_SECTIONS, "pretrain")
-FOLD_SECTIONS = (*PRETRAIN_SECTIONS, *_FOLD_EXTRA)
-STUDY_SECTIONS = (*FOLD_SECTIONS, "evaluate", "tuning", "cv.threshold")
 
 
 def pretrain_hash(cfg: Config, stage: str) -> str:
     """Settings a pretraining stage depends on: the SSL options only matter to the ``ssl`` stage."""
     pretrain = {k: v for k, v in cfg.to_dict()["pretrain"].items() if stage == "ssl" or k != "ssl"}
-    return hashlib.sha256(json.dumps([stage, settings_hash(cfg, _NETWORK_SECTIONS), pretrain],
+    return hashlib.sha256(json.dumps([stage, settings_hash(cfg, NETWORK_SECTIONS), pretrain],
                                      sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -136,68 +112,8 @@ def fold_hash(cfg: Config, method: str) -> str:
         base = settings_hash(cfg, ("scale", "data", "cv.k", "cv.seed"))
         return hashlib.sha256(f"{REFERENCE}:{REFERENCE_VERSION}:{base}".encode()).hexdigest()[:16]
     stage = PRETRAIN_OF[method]
-    base = settings_hash(cfg, (*_NETWORK_SECTIONS, *_FOLD_EXTRA))
+    base = settings_hash(cfg, (*NETWORK_SECTIONS, *FOLD_EXTRA))
     return base if stage is None else hashlib.sha256(f"{base}:{pretrain_hash(cfg, stage)}".encode()).hexdigest()[:16]
-
-
-@dataclass(frozen=True)
-class RunDir:
-    """Paths of one study run (see the module docstring)."""
-
-    root: Path
-
-    @property
-    def manifest(self) -> Path:
-        return self.root / "manifest.json"
-
-    @property
-    def config(self) -> Path:
-        return self.root / "config.yaml"
-
-    @property
-    def splits(self) -> Path:
-        return self.root / "splits.json"
-
-    @property
-    def report(self) -> Path:
-        return self.root / "report"
-
-    @property
-    def features(self) -> Path:
-        return self.root / "features"
-
-    def pretrain(self, stage: str) -> Path:
-        return self.root / "pretrain" / stage
-
-    def method(self, method: str) -> Path:
-        return self.root / method
-
-    def fold(self, method: str, fold: int) -> Path:
-        return self.root / method / f"fold_{fold}"
-
-    def tuning_predictions(self, method: str, fold: int) -> Path:
-        return self.fold(method, fold) / "tuning"
-
-    def predictions(self, method: str) -> Path:
-        return self.root / method / "predictions"
-
-    def evaluation(self, method: str) -> Path:
-        return self.root / method / "evaluation"
-
-    def threshold(self, method: str) -> Path:
-        return self.root / method / "threshold.json"
-
-    def methods_present(self) -> list[str]:
-        """Methods (the reference included) with a folder in the run, in report order."""
-        return [m for m in ALL_METHODS if self.method(m).is_dir()]
-
-    def folds_present(self, method: str) -> list[int]:
-        out = []
-        for path in sorted(self.method(method).glob("fold_*")):
-            suffix = path.name.removeprefix("fold_")
-            if suffix.isdigit():
-                out.append(int(suffix))
-        return sorted(out)
 
 
 # ---------------------------------------------------------------------------------- step markers

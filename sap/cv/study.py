@@ -26,11 +26,6 @@ from sap.config import Config, save_config
 from sap.cv import stages
 from sap.cv.progress import Progress, Task
 from sap.cv.rundir import (
-    INIT_OF,
-    PRETRAIN_OF,
-    REFERENCE,
-    STUDY_SECTIONS,
-    RunDir,
     clear_folder,
     fold_hash,
     mark_done,
@@ -43,9 +38,11 @@ from sap.cv.rundir import (
     write_manifest,
 )
 from sap.data.cases import Case, Cohort, discover_cohort
-from sap.data.io import atomic_write_text, write_image
+from sap.data.io import write_image
 from sap.data.splits import Splits, load_or_create_splits
 from sap.errors import SapError
+from sap.files import atomic_write_text
+from sap.run_layout import INIT_OF, PRETRAIN_OF, REFERENCE, STUDY_SECTIONS, RunDir
 
 #: rough budgets per step at demo scale (SPEC §10), seconds; only for the "remaining" display
 DEMO_ESTIMATES = {"pretrain": 90.0, "finetune": 30.0, "predict": 20.0, "finalize": 15.0, "features": 20.0,
@@ -306,7 +303,7 @@ class Study:
         from sap.metrics import nan_to_none
 
         folds = self.splits.test_folds
-        ens_dir = self.run.method(method) / "ensemble_tuning"
+        ens_dir = self.run.ensemble_tuning(method)
         for case_id in self.splits.tuning_cases():
             target = ens_dir / f"{case_id}_prob.nii.gz"
             if target.is_file():
@@ -322,7 +319,7 @@ class Study:
 
         bundle = stages.write_bundle(members, t, mv, out / method, method, tuning_objective_value=best,
                                      **synthetic_training_data(self.cfg.data.root))
-        atomic_write_text(self.run.method(method) / "ensemble_threshold.json",
+        atomic_write_text(self.run.ensemble_threshold(method),
                           json.dumps(nan_to_none({"threshold": t, "min_volume_ml": mv, "objective_value": best,
                                                   "bundle": str(bundle)}), indent=1) + "\n")
         return Path(bundle)

@@ -16,9 +16,6 @@ Every image enters sap through :func:`read_image` and leaves through :func:`writ
 from __future__ import annotations
 
 import io
-import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +25,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from sap.errors import SapError
+from sap.files import atomic_write, check_writable
+from sap.files import atomic_write_text as atomic_write_text  # writers not yet on sap.files (slice2d)
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 
@@ -390,27 +389,6 @@ def read_geometry(path: str | Path) -> Geometry:
     )
 
 
-def _default_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def publish(tmp: str | Path, path: str | Path) -> None:
-    """Rename a finished temporary file into place with the usual permissions.
-
-    ``mkstemp`` creates files readable by their owner only; outputs should be as readable as any
-    file the user creates (umask respected).
-    """
-    os.chmod(tmp, _default_mode())
-    os.replace(tmp, path)
-
-
-def check_writable(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise SapError(f"{path}: output exists; pass --overwrite to replace it")
-
-
 def write_image(
     array: np.ndarray,
     geometry: Geometry,
@@ -456,33 +434,6 @@ def make_geometry(
     image.SetOrigin([float(o) for o in origin])
     image.SetDirection(direction.flatten().tolist())
     return geometry_of(image)
-
-
-def atomic_write(path: str | Path, write: Callable[[str], None], suffix: str = ".tmp") -> Path:
-    """Run ``write(temporary_path)`` on a hidden sibling of ``path``, then rename it into place.
-
-    The one atomic-write mechanism of sap: a kill never leaves half a file, and a failed write
-    leaves neither a temporary file nor a damaged ``path``. ``suffix`` keeps the extension that
-    writers choose their format by (``.tmp.nii.gz`` for SimpleITK).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        publish(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def atomic_write_text(path: Path, text: str, overwrite: bool = True) -> Path:
-    """Write text through a temporary sibling and a rename (no half-written files)."""
-    path = Path(path)
-    check_writable(path, overwrite)
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def image_files(folder: Path) -> list[Path]:

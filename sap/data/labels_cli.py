@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from sap.data.io import check_writable, write_image
+    from sap.data.io import write_image
     from sap.data.labels import (
         SKELETON_CLASSES,
         check_lesion_mask,
@@ -48,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
         read_label_map,
     )
     from sap.errors import SapError
+    from sap.files import check_writable
 
     if args.labels_command == "from-totalseg":
         from pathlib import Path

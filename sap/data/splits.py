@@ -23,8 +23,10 @@ import numpy as np
 
 from sap.config import Config
 from sap.data.cases import Case, Cohort
-from sap.data.io import atomic_write_text, read_image
+from sap.data.io import read_image
 from sap.errors import SapError
+from sap.files import atomic_write_text
+from sap.run_layout import RunDir
 
 SPLITS_VERSION = 1
 
@@ -259,7 +261,7 @@ def validate_splits(splits: Splits, source: str, cohort: Cohort | None = None) -
 
 def load_or_create_splits(run_dir: str | Path, cohort: Cohort, cfg: Config) -> Splits:
     """Read ``RUN/splits.json`` (validated against the cohort), or create and write it once."""
-    path = Path(run_dir) / "splits.json"
+    path = RunDir(Path(run_dir)).splits
     if path.is_file():
         try:
             raw = json.loads(path.read_text())

@@ -125,8 +125,8 @@ def _print_summary(summary: dict, out) -> None:
 def _run_compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from sap.data.io import atomic_write_text
     from sap.evaluate.compare import compare_runs
+    from sap.files import atomic_write_text
 
     table = compare_runs(args.compare)
     shown = table.copy()

@@ -9,10 +9,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from sap.finetune.train import FinetuneResult
+    from sap.models.training import StageResult
 
 
-def run_finetune(*args: Any, **kwargs: Any) -> FinetuneResult:
+def run_finetune(*args: Any, **kwargs: Any) -> StageResult:
     """See :func:`sap.finetune.train.run_finetune` (imported lazily: torch loads on first call)."""
     from sap.finetune.train import run_finetune as _run
 

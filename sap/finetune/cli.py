@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         if k in ("val_f2", "val_sensitivity", "val_dice")
     )
     print(
-        f"sap finetune {result.method} fold {result.fold}: {result.steps} steps in {result.seconds:.1f} s, "
+        f"sap finetune {result.summary['method']} fold {args.fold}: {result.steps} steps in {result.seconds:.1f} s, "
         f"best at step {result.best_step}"
         + (f" ({final})" if final else "")
         + f"; outputs in {result.out_dir}"

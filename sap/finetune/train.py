@@ -29,28 +29,24 @@ batch, and the sampler's position is stored, so a resumed run repeats an uninter
 
 from __future__ import annotations
 
-import json
 import math
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from sap.config import Config, save_config
+from sap.config import Config
 from sap.data.cache import CachedCase, cache_cases
 from sap.data.cases import discover_cohort
-from sap.data.io import atomic_write_text
 from sap.data.splits import load_or_create_splits
 from sap.errors import SapError
+from sap.models.training import StageContext, StageParts, StageResult, StageSpec, run_stage
+from sap.run_layout import FOLD_SECTIONS, METHOD_OF_INIT, PRETRAIN_OF, RunDir
 
 INITS = ("scratch", "ssl", "sap")
-#: method folder per init (``baseline`` and ``scratch`` are aliases, SPEC §1)
-METHOD_OF_INIT = {"scratch": "baseline", "baseline": "baseline", "ssl": "ssl", "sap": "sap"}
-#: pretraining stage whose ``best.pt`` an init starts from
-STAGE_OF_INIT = {"ssl": "ssl", "sap": "skeletal"}
 LOG_COLUMNS = (
     "lr",
     "lr_decoder",
@@ -68,29 +64,6 @@ N_CLASSES = 2
 KIND = "lesion"
 
 
-@dataclass
-class FinetuneResult:
-    """What a fine-tuning run produced."""
-
-    init: str
-    method: str
-    fold: int
-    out_dir: Path
-    steps: int
-    best_step: int
-    best_f2: float
-    final_metrics: dict[str, float] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    @property
-    def best(self) -> Path:
-        return self.out_dir / "best.pt"
-
-    @property
-    def last(self) -> Path:
-        return self.out_dir / "last.pt"
-
-
 def canonical_init(init: str) -> str:
     """``scratch``/``baseline`` → ``scratch``; ``ssl``; ``sap``; anything else is an error."""
     if init in ("scratch", "baseline"):
@@ -102,19 +75,13 @@ def canonical_init(init: str) -> str:
 
 def method_dir(cfg: Config, init: str, fold: int) -> Path:
     """``RUN/{baseline|ssl|sap}/fold_{fold}``."""
-    if not cfg.out:
-        raise SapError("no run folder: pass --out RUN (or set out in the config)")
-    return Path(cfg.out) / METHOD_OF_INIT[canonical_init(init)] / f"fold_{fold}"
+    return RunDir.of(cfg.out).fold(METHOD_OF_INIT[canonical_init(init)], fold)
 
 
 def default_pretrained(cfg: Config, init: str) -> Path | None:
     """``RUN/pretrain/{skeletal|ssl}/best.pt`` for the sap/ssl inits; None for scratch."""
     init = canonical_init(init)
-    if init == "scratch":
-        return None
-    if not cfg.out:
-        raise SapError("no run folder: pass --out RUN (or set out in the config)")
-    return Path(cfg.out) / "pretrain" / STAGE_OF_INIT[init] / "best.pt"
+    return None if init == "scratch" else RunDir.of(cfg.out).pretrained(str(PRETRAIN_OF[METHOD_OF_INIT[init]]))
 
 
 def learning_rates(cfg: Config, init: str) -> tuple[float, float]:
@@ -161,7 +128,7 @@ def build_model(
         raise SapError(f"--init {init} needs pretrained weights (--pretrained CKPT)")
     path = Path(pretrained)
     if not path.is_file():
-        stage = STAGE_OF_INIT[init]
+        stage = PRETRAIN_OF[METHOD_OF_INIT[init]]
         raise SapError(
             f"{path}: pretrained checkpoint not found; run `sap pretrain --stage {stage}` into this run "
             "folder first, or pass --pretrained CKPT"
@@ -207,7 +174,7 @@ def load_fold_data(cfg: Config, fold: int, progress: bool = True) -> FoldData:
     train_ids = splits.training_cases(fold)
     val_ids = splits.validation_cases(fold)
     if not train_ids:
-        raise SapError(f"{Path(cfg.out) / 'splits.json'}: fold {fold} leaves no training cases")
+        raise SapError(f"{RunDir.of(cfg.out).splits}: fold {fold} leaves no training cases")
     cached = cache_cases([by_id[c] for c in train_ids + val_ids], cfg.data, progress=progress)
     return FoldData(
         train=cached[: len(train_ids)], val=cached[len(train_ids) :], channels=list(cfg.data.channels)
@@ -261,26 +228,6 @@ def validate_lesions(
     }
 
 
-#: keys that may differ on resume: where things are, not what is computed
-_RESUME_FREE = ("out", "data.root", "data.healthy", "data.patients", "data.cache_dir", "finetune.num_workers")
-
-
-def config_differences(stored: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two config dicts (paths and worker counts ignored)."""
-    keys = sorted(set(stored) | set(current))
-    out: list[str] = []
-    for key in keys:
-        dotted = f"{prefix}{key}"
-        if dotted in _RESUME_FREE:
-            continue
-        a, b = stored.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += config_differences(a, b, f"{dotted}.")
-        elif a != b:
-            out.append(dotted)
-    return out
-
-
 class LesionLoss(torch.nn.Module):
     """SPEC §7's Dice + CE, with the soft-Dice term only where it is defined.
 
@@ -317,18 +264,6 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
 
 
-def _clean(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return None if not math.isfinite(float(value)) else float(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
 def run_finetune(
     cfg: Config,
     init: str,
@@ -340,7 +275,7 @@ def run_finetune(
     progress: bool = True,
     stop_after: int | None = None,
     keep_memory: bool = True,
-) -> FinetuneResult:
+) -> StageResult:
     """Fine-tune one lesion model; outputs in ``RUN/{baseline|ssl|sap}/fold_{fold}``.
 
     Args:
@@ -349,75 +284,53 @@ def run_finetune(
         fold: test fold (1 … k-1); the model trains on the other folds (SPEC §4).
         pretrained: checkpoint for ``ssl``/``sap``; default ``RUN/pretrain/{ssl|skeletal}/best.pt``.
         resume: continue from ``last.pt`` (weights, optimiser, schedule, AMP scaler, sampler
-            position, loop position); the resolved config must match the one stored.
+            position, loop position); the init, fold and fine-tuning settings must match.
         overwrite: replace earlier outputs of this (method, fold).
         stop_after: end after that many steps as if killed (tests of ``--resume``).
         keep_memory: on CPU, keep freed memory for reuse during the training loop (steps about
             25 % faster, more resident memory; :func:`sap.models.training.reused_memory`).
 
-    Writes ``last.pt`` (with training state) and ``best.pt`` (highest mean validation F2)
-    atomically at every validation (every ``finetune.val_every_steps`` steps and after the last),
-    ``log.csv`` (+ TensorBoard), the resolved ``config.yaml`` and ``summary.json``.
+    The stage runner (:func:`sap.models.training.run_stage`) writes ``last.pt`` and ``best.pt``
+    (highest mean validation F2) at every validation (every ``finetune.val_every_steps`` steps and
+    after the last), ``log.csv`` (+ TensorBoard), the resolved ``config.yaml`` and ``summary.json``.
     """
-    from sap.models.swin import init_output_prior
-    from sap.models.training import (
-        LoopState,
-        RunLogger,
-        every,
-        make_accelerator,
-        prepare_out_dir,
-        restore_training_state,
-        train_loop,
-        training_state,
-        warmup_cosine_schedule,
-    )
-    from sap.models.weights import load_checkpoint, load_weights, make_checkpoint, save_checkpoint
-    from sap.sampling import EpochCursor, SamplingCase, build_sampler
-    from sap.sampling.torch_data import batch_stream
-
-    started = time.perf_counter()
     init = canonical_init(init)
     method = METHOD_OF_INIT[init]
     out = method_dir(cfg, init, fold)
-    f = cfg.finetune
-    accelerator = make_accelerator(f.amp)
-    main = accelerator.is_main_process
-    if main:
-        prepare_out_dir(out, resume, overwrite)
-    accelerator.wait_for_everyone()
-    with accelerator.main_process_first():  # one process writes splits.json and the cache
-        data = load_fold_data(cfg, fold, progress=progress and main)
-        sampling_cases = [SamplingCase.from_cached(case) for case in data.train]
-
-    torch.manual_seed(f.seed)  # identical initial weights on every rank
     if pretrained is None:
         pretrained = default_pretrained(cfg, init)
-    checkpoint: dict[str, Any] | None = None
-    if resume:
-        checkpoint = load_checkpoint(out / "last.pt")
-        if checkpoint.get("kind") != KIND or "training" not in checkpoint:
-            raise SapError(f"{out / 'last.pt'}: not a resumable lesion checkpoint")
-        if checkpoint.get("init") != init or checkpoint.get("fold") != fold:
-            raise SapError(
-                f"{out / 'last.pt'}: was trained with --init {checkpoint.get('init')} --fold "
-                f"{checkpoint.get('fold')}, not --init {init} --fold {fold}"
-            )
-        changed = config_differences(checkpoint.get("config", {}), cfg.to_dict())
-        if changed:
-            raise SapError(
-                f"{out / 'last.pt'}: the config differs from the one this run started with "
-                f"({', '.join(changed[:6])}); resume with the same config or start over with --overwrite"
-            )
+    f = cfg.finetune
+    spec = StageSpec(
+        kind=KIND, out_dir=out, config=cfg, max_steps=f.max_steps, val_every=f.val_every_steps, metric="val_f2",
+        columns=LOG_COLUMNS, warmup_fraction=f.warmup_fraction, amp=f.amp, seed=f.seed,
+        desc=f"finetune {method} fold {fold}", sections=FOLD_SECTIONS, identity={"init": init, "fold": fold},
+        info={"method": method, "pretrained": str(pretrained) if pretrained else None},
+        channels=cfg.data.channels, out_channels=N_CLASSES, reuse_memory=keep_memory,
+    )  # fmt: skip
+    setup = partial(_setup, cfg, init, fold, pretrained)
+    return run_stage(spec, setup, resume=resume, overwrite=overwrite, progress=progress, stop_after=stop_after)
+
+
+def _setup(cfg: Config, init: str, fold: int, pretrained: str | Path | None, ctx: StageContext) -> StageParts:
+    """The init's model (its new head at the lesion prior), lesion-balanced patches, Dice+CE, and
+    validation on whole exams. Every optimiser step re-seeds torch from (seed, step, rank)."""
+    from sap.models.swin import init_output_prior
+    from sap.sampling import EpochCursor, SamplingCase, build_sampler
+    from sap.sampling.torch_data import batch_stream
+
+    f = cfg.finetune
+    with ctx.accelerator.main_process_first():  # one process writes splits.json and the cache
+        data = load_fold_data(cfg, fold, progress=ctx.progress)
+        sampling_cases = [SamplingCase.from_cached(case) for case in data.train]
+    if ctx.resuming:  # the weights come from last.pt
         model = build_model(cfg, "scratch", len(data.channels), None)
-        load_weights(model, checkpoint, expect="full", verbose=False)
     else:
-        model = build_model(cfg, init, len(data.channels), pretrained, verbose=main)
+        model = build_model(cfg, init, len(data.channels), pretrained, verbose=ctx.main)
         # the new 2-class head starts at the lesion prior, equally for every init: from zero it
         # predicts 50 % lesion everywhere and Adam needs hundreds of steps only to unlearn that
         if f.prior_head:
             init_output_prior(model, lesion_class_counts(data.train))
     optimizer = build_optimizer(model, cfg, init)
-    scheduler = warmup_cosine_schedule(optimizer, f.max_steps, f.warmup_fraction)
     sampler = build_sampler(
         f.sampler,
         sampling_cases,
@@ -425,34 +338,19 @@ def run_finetune(
         neg_ratio=f.neg_ratio,
         seed=f.seed,
         batch_size=f.batch_size,
-        world_size=accelerator.num_processes,
+        world_size=ctx.world_size,
     )
     cursor = EpochCursor()
-    loop = LoopState()
-    if checkpoint is not None:
-        loop = restore_training_state(checkpoint["training"], optimizer, scheduler, accelerator)
-        cursor.load_state_dict(checkpoint["training"]["cursor"])
-    # The scheduler stays unprepared: it counts optimiser steps, not steps × processes.
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if main:
-        save_config(cfg, out / "config.yaml")
-    logger = RunLogger(out, LOG_COLUMNS, resume_step=loop.step if resume else None, enabled=main)
-
-    device = accelerator.device
-    rank = accelerator.process_index
-    stream = batch_stream(
-        sampler, cursor, rank=rank, num_workers=f.num_workers, pin_memory=device.type == "cuda"
-    )
+    device = ctx.device
+    stream = batch_stream(sampler, cursor, rank=ctx.rank, num_workers=f.num_workers, pin_memory=device.type == "cuda")
     loss_fn = LesionLoss()
 
     def draw_batch() -> tuple[torch.Tensor, torch.Tensor]:
-        torch.manual_seed(_step_seed(f.seed, loop.step, rank))
+        torch.manual_seed(_step_seed(f.seed, ctx.loop.step, ctx.rank))
         batch = next(stream)
-        return batch["image"].to(device, non_blocking=True), batch["label"].to(
-            device, non_blocking=True
-        ).long()
+        return batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True).long()
 
-    def step_fn(net: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    def step(net: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         image, label = batch
         loss, dice_term, ce_term = loss_fn.terms(net(image), label)
         return loss, {
@@ -462,100 +360,19 @@ def run_finetune(
             "epoch": float(cursor.epoch),
         }
 
-    def decoder_lr(state: LoopState, last: bool) -> dict[str, float]:
+    def decoder_lr(state: Any, last: bool) -> dict[str, float]:
         # after the scheduler step, like the loop's "lr" (the first group: encoder or all)
         return {"lr_decoder": optimizer.param_groups[-1]["lr"]}
 
-    def make(extra_state: bool, metrics: dict[str, float]) -> dict[str, Any]:
-        extra: dict[str, Any] = {
-            "init": init,
-            "method": method,
-            "fold": fold,
-            "step": loop.step,
-            "metrics": _clean(metrics),
-            "pretrained": str(pretrained) if pretrained else None,
-        }
-        if extra_state:
-            state = training_state(optimizer, scheduler, accelerator, loop)
-            state["cursor"] = cursor.state_dict()
-            extra["training"] = state
-        return make_checkpoint(
-            accelerator.unwrap_model(model),
-            config=cfg.to_dict(),
-            channels=data.channels,
-            kind=KIND,
-            out_channels=N_CLASSES,
-            threshold=0.5,
-            min_volume_ml=0.0,
-            **extra,
-        )
-
-    final: dict[str, float] = {}
-
-    def validate(state: LoopState) -> dict[str, float]:
-        values: dict[str, float] = {}
-        if main:
-            if data.val:
-                values = validate_lesions(accelerator.unwrap_model(model), data.val, cfg, device)
-            score = values.get("val_f2", float("nan"))
-            # best.pt: highest mean F2; a run whose validation has no finite F2 yet still writes one.
-            if (math.isfinite(score) and score > state.best_metric) or state.best_step < 0:
-                if math.isfinite(score):
-                    state.best_metric = score
-                state.best_step = state.step
-                save_checkpoint(make(True, values), out / "best.pt")
-            save_checkpoint(make(True, values), out / "last.pt")
-            final.clear()
-            final.update(values)
-        accelerator.wait_for_everyone()
-        return values
-
-    try:
-        loop = train_loop(
-            model=model,
-            draw_batch=draw_batch,
-            step_fn=step_fn,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            accelerator=accelerator,
-            loop=loop,
-            max_steps=f.max_steps,
-            callbacks=[decoder_lr, every(f.val_every_steps, validate)],
-            logger=logger,
-            desc=f"finetune {method} fold {fold}",
-            stop_after=stop_after,
-            reuse_memory=keep_memory,
-        )
-    finally:
-        logger.close()
-    seconds = time.perf_counter() - started
-    if main:
-        summary = {
-            "init": init,
-            "method": method,
-            "fold": fold,
-            "steps": loop.step,
-            "best_step": loop.best_step,
-            "best_val_f2": loop.best_metric,
-            "final": final,
-            "pretrained": str(pretrained) if pretrained else None,
+    def summary() -> dict[str, Any]:
+        return {
             "training_cases": [c.case_id for c in data.train],
             "validation_cases": [c.case_id for c in data.val],
             "sampler": f.sampler,
-            "patches_per_epoch": sampler.epoch_length() * accelerator.num_processes,
-            "processes": accelerator.num_processes,
-            "seconds": seconds,
+            "patches_per_epoch": sampler.epoch_length() * ctx.world_size,
         }
-        atomic_write_text(out / "summary.json", json.dumps(_clean(summary), indent=1) + "\n")
-    accelerator.wait_for_everyone()
-    return FinetuneResult(
-        init=init,
-        method=method,
-        fold=fold,
-        out_dir=out,
-        steps=loop.step,
-        best_step=loop.best_step,
-        best_f2=loop.best_metric,
-        final_metrics=dict(final),
-        seconds=seconds,
-    )
+
+    return StageParts(
+        model, optimizer, draw_batch, step, lambda net: validate_lesions(net, data.val, cfg, device) if data.val else {},
+        cursor=cursor, callbacks=[decoder_lr], summary=summary,
+    )  # fmt: skip

@@ -34,10 +34,11 @@ from torch import nn
 from sap import RESEARCH_USE_ONLY, __version__
 from sap.config import DataConfig
 from sap.data.cases import Case
-from sap.data.io import Geometry, atomic_write_text, read_image, write_image
+from sap.data.io import Geometry, read_image, write_image
 from sap.data.labels import check_skeleton
 from sap.data.preprocess import body_mask, load_case, normalise, resample_to_spacing
 from sap.errors import SapError
+from sap.files import atomic_write_text
 from sap.infer.inputs import InputCase, attach_skeletons, discover_inputs
 from sap.infer.lesions import (
     LESION_COLUMNS,

@@ -8,13 +8,13 @@ threshold sweeps, tuning and fine-tuning validation.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from sap.files import nan_to_none as nan_to_none  # the JSON rule, part of this API
 from sap.metrics.components import (
     Components,
     Matching,
@@ -376,16 +376,3 @@ def _candidates(
     gt_best = np.full(gt_c.n, -np.inf)
     np.maximum.at(gt_best, match.pair_gt - 1, score[match.pair_pred - 1])
     return CaseCandidates(score, match.pred_true, cand.volume_ml, gt_best, gt_c.volume_ml)
-
-
-def nan_to_none(value: Any) -> Any:
-    """JSON helper: NaN/inf → None, numpy scalars → Python scalars, recursing into containers."""
-    if isinstance(value, dict):
-        return {k: nan_to_none(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [nan_to_none(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value

@@ -34,7 +34,7 @@ from typing import Any
 
 from sap import RESEARCH_USE_ONLY
 from sap.errors import SapError
-from sap.models.weights import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
+from sap.models.weights import check_format, load_checkpoint, save_checkpoint
 
 BUNDLE_FORMAT = "sap-bundle"
 BUNDLE_VERSION = 1
@@ -127,7 +127,7 @@ def write_bundle(
     loaded: list[dict[str, Any]] = []
     for source in checkpoints:
         if isinstance(source, Mapping):
-            if source.get("format") != CHECKPOINT_FORMAT:
+            if not check_format(source.get("format"), str(out_dir)):
                 raise SapError(f"{out_dir}: a bundle holds sap checkpoints only")
             loaded.append(dict(source))
         else:

@@ -66,6 +66,11 @@ def _merging_modules(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]
     return found
 
 
+def has_patch_merging(model: nn.Module) -> bool:
+    """True for a model with Swin patch merging (a Swin UNETR, its encoder, the SSL model)."""
+    return bool(_merging_modules(model))
+
+
 def patch_merging_layout(model: nn.Module) -> str:
     """``"legacy"`` or ``"current"``: the layout the model's patch merging computes."""
     modules = _merging_modules(model)

@@ -20,8 +20,9 @@ import csv
 import math
 import random
 import shutil
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,8 +31,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from sap.config import Config, config_differences, save_config
 from sap.errors import SapError
+from sap.files import write_json
 from sap.memory import keep_freed_memory, return_freed_memory
+from sap.models.weights import (
+    CHECKPOINT_FORMAT,
+    load_checkpoint,
+    make_checkpoint,
+    restore_model,
+    save_checkpoint,
+)
+from sap.run_layout import STAGE_FILES
 
 
 # ------------------------------------------------------------------------------------ schedule
@@ -313,16 +324,9 @@ def train_loop(
     return loop
 
 
-#: Files a training stage writes into its output folder (besides ``tensorboard/``).
-RUN_OUTPUT_FILES = ("last.pt", "best.pt", "log.csv", "config.yaml", "summary.json")
-
-
 def prepare_out_dir(folder: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to touch earlier outputs unless ``--overwrite`` (start over) or ``--resume``.
-
-    Shared by pretraining and fine-tuning (stages never import each other).
-    """
-    existing = [name for name in RUN_OUTPUT_FILES if (folder / name).exists()]
+    """Refuse to touch earlier outputs unless ``--overwrite`` (start over) or ``--resume``."""
+    existing = [name for name in STAGE_FILES if (folder / name).exists()]
     if resume:
         if not (folder / "last.pt").is_file():
             raise SapError(f"{folder / 'last.pt'}: nothing to resume (no last checkpoint)")
@@ -335,3 +339,240 @@ def prepare_out_dir(folder: Path, resume: bool, overwrite: bool) -> None:
             (folder / name).unlink()
         # old event files would mix with the new run's
         shutil.rmtree(folder / "tensorboard", ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------ the runner
+@dataclass
+class StageSpec:
+    """What the runner needs to know about a training stage besides its parts (plain values)."""
+
+    kind: str  #: what the weights are (``skeletal``, ``ssl``, ``lesion``, …), stored in checkpoints
+    out_dir: Path
+    config: Config  #: stored in checkpoints and ``config.yaml``; compared on ``--resume``
+    max_steps: int
+    val_every: int  #: validate (and write best/last) every so many steps and after the last
+    metric: str  #: the validation value that chooses ``best.pt``
+    columns: Sequence[str]  #: ``log.csv`` columns besides ``step``
+    lower_is_better: bool = False
+    warmup_fraction: float = 0.0  #: of the default schedule (:func:`warmup_cosine_schedule`)
+    amp: bool = True  #: fp16 autocast, only on CUDA
+    seed: int = 0
+    desc: str = "training"  #: progress-bar label
+    #: config sections the results depend on (dotted names; empty: all), compared on ``--resume``
+    sections: Sequence[str] = ()
+    ignore: Sequence[str] = ()  #: keys inside ``sections`` that do not matter to this stage
+    #: what this run is (e.g. init and fold), stored in checkpoints, must match on ``--resume``
+    identity: Mapping[str, Any] = field(default_factory=dict)
+    info: Mapping[str, Any] = field(default_factory=dict)  #: stored in checkpoints and the summary
+    channels: Sequence[str] = ()  #: input channel names, stored in checkpoints
+    out_channels: int = 0
+    reuse_memory: bool = False  #: see :func:`train_loop`
+
+
+@dataclass
+class StageContext:
+    """What a stage's ``setup`` gets: the accelerator, and the state the runner keeps."""
+
+    accelerator: Any
+    generator: np.random.Generator  #: seeded from ``spec.seed``; its state is saved and restored
+    loop: LoopState  #: the live position (``loop.step`` = optimiser steps done)
+    resuming: bool  #: weights come from ``last.pt``: skip loading pretrained weights
+    progress: bool  #: show progress bars (main process only)
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def main(self) -> bool:
+        return bool(self.accelerator.is_main_process)
+
+    @property
+    def rank(self) -> int:
+        return int(self.accelerator.process_index)
+
+    @property
+    def world_size(self) -> int:
+        return int(self.accelerator.num_processes)
+
+
+@dataclass
+class StageParts:
+    """What differs between stages: model, batches, step and validation.
+
+    ``draw_batch()`` returns the next batch on the device and must draw its randomness from
+    ``StageContext.generator``, torch's RNG or ``cursor`` (all saved), so a resumed run sees the
+    same batches. ``step(model, batch)`` returns (loss, values to log). ``validate(model)`` runs on
+    the main process with the unwrapped model in eval mode without gradients and returns values
+    to log, among them ``spec.metric``. ``export(model)`` gives the checkpoint's ``state_dict``
+    (default: the whole model; the rest is kept under ``extra_state`` for ``--resume``).
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    draw_batch: Callable[[], Any]
+    step: Callable[[nn.Module, Any], tuple[torch.Tensor, Mapping[str, float]]]
+    validate: Callable[[nn.Module], Mapping[str, float]]
+    scheduler: Any = None  #: default: :func:`warmup_cosine_schedule` over ``spec.max_steps``
+    cursor: Any = None  #: sampler position (``state_dict``/``load_state_dict``), saved with the state
+    export: Callable[[nn.Module], Mapping[str, torch.Tensor]] | None = None
+    callbacks: Sequence[Callback] = ()  #: extra per-step callbacks (values to log)
+    summary: Callable[[], Mapping[str, Any]] | None = None  #: extra ``summary.json`` entries
+
+
+@dataclass
+class StageResult:
+    """What a stage run produced."""
+
+    out_dir: Path
+    steps: int
+    best_step: int
+    best_metric: float  #: the best ``spec.metric`` (NaN when no validation gave a finite one)
+    final_metrics: dict[str, float]
+    summary: dict[str, Any]
+    seconds: float
+    main_process: bool = True  #: False on the other ranks under ``accelerate launch``
+
+    @property
+    def best(self) -> Path:
+        return self.out_dir / "best.pt"
+
+    @property
+    def last(self) -> Path:
+        return self.out_dir / "last.pt"
+
+
+def seed_everything(seed: int) -> np.random.Generator:
+    """Seed torch and Python; return the numpy generator a stage draws its own randomness from."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    return np.random.default_rng(seed)
+
+
+def read_resumable(path: Path, spec: StageSpec) -> dict[str, Any]:
+    """``last.pt`` of an interrupted run of this stage, refused (naming what differs) when it was
+    written by another stage or run, or with other settings in ``spec.sections``."""
+    ckpt = load_checkpoint(path)
+    if ckpt.get("kind") != spec.kind or "training" not in ckpt:
+        raise SapError(f"{path}: not a resumable {spec.kind} checkpoint")
+    stored = ckpt.get("run") if ckpt["format"] == CHECKPOINT_FORMAT else ckpt  # v1: at the top level
+    other = {k: stored.get(k) for k, v in spec.identity.items() if stored.get(k) != v}
+    if other:
+        was = " ".join(f"{k} {v}" for k, v in other.items())
+        now = " ".join(f"{k} {spec.identity[k]}" for k in other)
+        raise SapError(f"{path}: was written by a run with {was}, not {now}")
+    changed = config_differences(ckpt.get("config", {}), spec.config.to_dict(), tuple(spec.sections), tuple(spec.ignore))
+    if changed:
+        raise SapError(
+            f"{path}: the config differs from the one this run started with ({', '.join(changed[:6])}); "
+            "resume with the same config or start over with --overwrite"
+        )
+    return ckpt
+
+
+def run_stage(
+    spec: StageSpec,
+    setup: Callable[[StageContext], StageParts],
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> StageResult:
+    """Run (or resume) one training stage; everything but its parts is done here.
+
+    The runner makes the accelerator, applies the output-folder policy (:func:`prepare_out_dir`),
+    refuses a ``--resume`` with other settings (:func:`read_resumable`), seeds torch, Python and
+    the stage's numpy generator, calls ``setup``, restores weights and training state, runs
+    :func:`train_loop` with the progress bar, validates every ``spec.val_every`` steps and after
+    the last, and writes ``last.pt`` and ``best.pt`` (the same keys: weights, metadata and
+    training state; ``best.pt`` also at the first validation, so it always exists),
+    ``log.csv`` + TensorBoard, the resolved ``config.yaml`` and ``summary.json`` (NaN as null).
+    ``stop_after`` ends the run after that many steps as if it had been killed (tests of
+    ``--resume``). Only the main process writes.
+    """
+    started = time.perf_counter()
+    out = Path(spec.out_dir)
+    accelerator = make_accelerator(spec.amp)
+    main = accelerator.is_main_process
+    if main:
+        prepare_out_dir(out, resume, overwrite)
+    accelerator.wait_for_everyone()
+    stored = read_resumable(out / "last.pt", spec) if resume else None
+    loop = LoopState()
+    ctx = StageContext(accelerator, seed_everything(spec.seed), loop, stored is not None, progress and main)
+    parts = setup(ctx)
+    model, optimizer = parts.model, parts.optimizer
+    scheduler = parts.scheduler or warmup_cosine_schedule(optimizer, spec.max_steps, spec.warmup_fraction)
+    if stored is not None:
+        restore_model(model, stored)
+        vars(loop).update(vars(restore_training_state(stored["training"], optimizer, scheduler, accelerator, ctx.generator)))
+        if parts.cursor is not None:
+            parts.cursor.load_state_dict(stored["training"]["cursor"])
+    # the scheduler stays unprepared: it counts optimiser steps, not steps × processes
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if main:
+        save_config(spec.config, out / "config.yaml")
+    logger = RunLogger(out, spec.columns, resume_step=loop.step if stored is not None else None, enabled=main)
+    sign = -1.0 if spec.lower_is_better else 1.0
+    final: dict[str, float] = {}
+
+    def checkpoint(metrics: Mapping[str, float]) -> dict[str, Any]:
+        net = accelerator.unwrap_model(model)
+        everything = net.state_dict()
+        weights = dict(parts.export(net)) if parts.export is not None else everything
+        training = training_state(optimizer, scheduler, accelerator, loop, ctx.generator)
+        if parts.cursor is not None:
+            training["cursor"] = parts.cursor.state_dict()
+        return make_checkpoint(
+            net, config=spec.config.to_dict(), channels=list(spec.channels), kind=spec.kind,
+            out_channels=spec.out_channels, state_dict=weights, step=loop.step, metrics=dict(metrics),
+            training=training, run={**spec.identity, **spec.info},
+            extra_state={k: v.detach().cpu() for k, v in everything.items() if k not in weights},
+        )  # fmt: skip
+
+    def validate(state: LoopState) -> dict[str, float]:
+        values: dict[str, float] = {}
+        if main:
+            net = accelerator.unwrap_model(model)
+            was_training = net.training
+            net.eval()
+            with torch.no_grad():
+                values = dict(parts.validate(net))
+            net.train(was_training)
+            score = sign * float(values.get(spec.metric, math.nan))
+            improved = math.isfinite(score) and score > state.best_metric
+            first = state.best_step < 0  # nothing finite yet: best.pt must still exist
+            if improved:
+                state.best_metric = score
+            if improved or first:
+                state.best_step = state.step
+            ckpt = checkpoint(values)
+            if improved or first:
+                save_checkpoint(ckpt, out / "best.pt")
+            save_checkpoint(ckpt, out / "last.pt")
+            final.clear()
+            final.update(values)
+        accelerator.wait_for_everyone()
+        return values
+
+    try:
+        train_loop(
+            model=model, draw_batch=parts.draw_batch, step_fn=parts.step, optimizer=optimizer,
+            scheduler=scheduler, accelerator=accelerator, loop=loop, max_steps=spec.max_steps,
+            callbacks=[*parts.callbacks, every(spec.val_every, validate)], logger=logger, desc=spec.desc,
+            stop_after=stop_after, progress=ctx.progress, reuse_memory=spec.reuse_memory,
+        )  # fmt: skip
+    finally:
+        logger.close()
+    best = sign * loop.best_metric if math.isfinite(loop.best_metric) else math.nan
+    seconds = time.perf_counter() - started
+    summary: dict[str, Any] = {
+        **spec.identity, **spec.info, "steps": loop.step, "best_step": loop.best_step,
+        f"best_{spec.metric}": best, "final": dict(final), **(dict(parts.summary()) if parts.summary and main else {}),
+        "processes": accelerator.num_processes, "device": str(accelerator.device), "seconds": seconds,
+    }  # fmt: skip
+    if main:
+        write_json(out / "summary.json", summary)
+    accelerator.wait_for_everyone()
+    return StageResult(out, loop.step, loop.best_step, best, dict(final), summary, seconds, main)

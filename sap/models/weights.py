@@ -30,11 +30,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from sap.data.io import atomic_write
 from sap.errors import SapError
-from sap.models.swin import patch_merging_layout, set_patch_merging
+from sap.files import atomic_write
+from sap.models.swin import has_patch_merging, patch_merging_layout, set_patch_merging
 
-CHECKPOINT_FORMAT = "sap-checkpoint-v1"
+#: the format sap writes. v2 (the stage runner): ``best.pt`` and ``last.pt`` of every stage hold the
+#: same keys, the training state included; what wrote it is under ``run``, tensors of the trained
+#: model outside ``state_dict`` (SSL heads) under ``extra_state``. v1: the same weights and
+#: metadata, with ``init``/``fold``/``stage`` at the top and the SSL heads under ``ssl_heads``.
+CHECKPOINT_FORMAT = "sap-checkpoint-v2"
+READABLE_FORMATS = ("sap-checkpoint-v1", CHECKPOINT_FORMAT)
 EXPECT_CHOICES = ("ssl", "sap", "full")
 
 #: Input-layer weights whose dimension 1 is the number of image channels (Swin UNETR).
@@ -61,6 +66,8 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)  #: expected, absent from the source
     unexpected: list[str] = field(default_factory=list)  #: in the source, not in the model
     mismatched: list[str] = field(default_factory=list)  #: present in both, other shape
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)  #: mismatched: (source, model)
+    stored_config: Mapping[str, Any] | None = None  #: the config a sap checkpoint was trained with
     skipped: list[str] = field(default_factory=list)  #: in both, outside the expected part
     adapted: list[str] = field(default_factory=list)  #: input layers adapted to the channel count
 
@@ -182,7 +189,7 @@ def describe_source(
     obj = read_checkpoint(source, allow_pickle=allow_pickle)
     state, metadata = _unwrap(obj, name)
     state, ssl_layout = normalise_keys(state)
-    if metadata.get("format") == CHECKPOINT_FORMAT:
+    if check_format(metadata.get("format"), name):
         source_format = "sap"
     elif ssl_layout:
         source_format = "monai-ssl"
@@ -191,6 +198,19 @@ def describe_source(
     else:
         source_format = "state-dict"
     return state, metadata, source_format, checkpoint_layout(metadata, source_format), name
+
+
+def check_format(value: Any, name: str) -> bool:
+    """True for a sap checkpoint this version reads, False for no sap checkpoint; an error naming
+    the version for a sap checkpoint of a format this version does not know."""
+    if value in READABLE_FORMATS:
+        return True
+    if isinstance(value, str) and value.startswith("sap-checkpoint-"):
+        raise SapError(
+            f"{name}: checkpoint format {value} is not one this sap reads ({', '.join(READABLE_FORMATS)}); "
+            "use the sap version that wrote it"
+        )
+    return False
 
 
 # ------------------------------------------------------------------------------------ loading
@@ -253,6 +273,7 @@ def load_weights(
         source_layout=source_layout,
         model_layout=patch_merging_layout(model),
         n_expected=len(wanted),
+        stored_config=metadata.get("config") if source_format == "sap" else None,
     )
     in_channels = model_state["swinViT.patch_embed.proj.weight"].shape[1]
     to_load: dict[str, torch.Tensor] = {}
@@ -276,6 +297,7 @@ def load_weights(
                 report.adapted.append(key)
             else:
                 report.mismatched.append(key)
+                report.shapes[key] = (tuple(value.shape), tuple(target.shape))
                 continue
         to_load[key] = value.to(dtype=target.dtype)
         report.loaded.append(key)
@@ -283,8 +305,10 @@ def load_weights(
 
     if not report.complete:
         hint = ""
-        if report.mismatched and any(k in INPUT_LAYER_KEYS for k in report.mismatched):
-            hint = " (input channel count differs: adapt on request with adapt_channels)"
+        if report.mismatched:
+            hint = " " + mismatch_hint(report.shapes, report.stored_config)
+            if any(k in INPUT_LAYER_KEYS for k in report.mismatched):
+                hint += "; adapt the input channels on request with adapt_channels"
         elif not report.loaded:
             hint = " (this does not look like a Swin UNETR checkpoint of this model)"
         raise SapError(f"{report.summary()}: less than the expected part loaded{hint}")
@@ -300,6 +324,61 @@ def load_weights(
     if verbose:
         print(f"weights: {report.summary()}")
     return report
+
+
+def _setting_of(key: str, source: tuple[int, ...], model: tuple[int, ...]) -> str:
+    """The setting that decides the shape of tensor ``key`` of a Swin UNETR."""
+    if "relative_position_bias_table" in key:
+        return "model.num_heads"  # (window positions, heads)
+    if key.startswith("out."):
+        return "the number of output classes"
+    if key in INPUT_LAYER_KEYS and source[:1] + source[2:] == model[:1] + model[2:]:
+        return "data.channels"
+    return "model.feature_size"
+
+
+def mismatch_hint(
+    shapes: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]], stored_config: Mapping[str, Any] | None = None
+) -> str:
+    """Name the tensors whose shapes differ and the config keys that decide them, with the values
+    the checkpoint was trained with when its config is known."""
+    names = list(shapes)
+    shown = ", ".join(f"{k} {list(shapes[k][0])} vs model {list(shapes[k][1])}" for k in names[:3])
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    settings = list(dict.fromkeys(_setting_of(k, *shapes[k]) for k in names))
+    stored = []
+    for setting in settings:
+        section, _, name = setting.partition(".")
+        node = (stored_config or {}).get(section)
+        if name and isinstance(node, Mapping) and name in node:
+            stored.append(f"{setting}={node[name]}")
+    text = f"(shapes differ: {shown}{more}; set {' / '.join(settings)} as the checkpoint was trained"
+    return text + (f": {', '.join(stored)})" if stored else ")")
+
+
+def restore_model(model: nn.Module, checkpoint: Mapping[str, Any]) -> nn.Module:
+    """Put a sap checkpoint written from this kind of model back into it, every tensor exactly
+    (``--resume``): the patch-merging layout, ``state_dict`` and ``extra_state`` (v1:
+    ``ssl_heads``). Other shapes are an error naming the tensors and the config keys to change."""
+    if checkpoint.get("patch_merging"):
+        set_patch_merging(model, checkpoint["patch_merging"])
+    state = {**checkpoint["state_dict"], **checkpoint.get("extra_state", checkpoint.get("ssl_heads", {}))}
+    model_state = model.state_dict()
+    missing = sorted(set(model_state) - set(state))
+    unexpected = sorted(set(state) - set(model_state))
+    shapes = {
+        k: (tuple(v.shape), tuple(model_state[k].shape))
+        for k, v in state.items()
+        if k in model_state and tuple(v.shape) != tuple(model_state[k].shape)
+    }
+    if missing or unexpected or shapes:
+        parts = [f"{len(missing)} missing ({', '.join(missing[:3])})"] if missing else []
+        parts += [f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])})"] if unexpected else []
+        hint = " " + mismatch_hint(shapes, checkpoint.get("config")) if shapes else ""
+        raise SapError(f"checkpoint does not fit the model: {'; '.join(parts) or f'{len(shapes)} shape-mismatched'}{hint}")
+    with torch.no_grad():
+        model.load_state_dict(state, strict=True)
+    return model
 
 
 # ------------------------------------------------------------------------------------ sap files
@@ -338,7 +417,7 @@ def make_checkpoint(
         "in_channels": len(channels),
         "out_channels": int(out_channels),
         "monai_version": monai.__version__,
-        "patch_merging": patch_merging_layout(model),
+        "patch_merging": patch_merging_layout(model) if has_patch_merging(model) else None,
         "threshold": float(threshold),
         "min_volume_ml": float(min_volume_ml),
         **extra,
@@ -347,7 +426,7 @@ def make_checkpoint(
 
 def save_checkpoint(checkpoint: Mapping[str, Any], path: str | Path) -> Path:
     """Write a checkpoint made by :func:`make_checkpoint`, atomically."""
-    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+    if not check_format(checkpoint.get("format"), str(path)):
         raise SapError(f"{path}: refusing to save a dict that is not a sap checkpoint")
     return atomic_torch_save(dict(checkpoint), path)
 
@@ -355,6 +434,6 @@ def save_checkpoint(checkpoint: Mapping[str, Any], path: str | Path) -> Path:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a sap checkpoint (weights plus metadata); other formats are refused here."""
     obj = read_checkpoint(path)
-    if not isinstance(obj, Mapping) or obj.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(obj, Mapping) or not check_format(obj.get("format"), str(path)):
         raise SapError(f"{path}: not a sap checkpoint (use load_weights for foreign weight files)")
     return dict(obj)

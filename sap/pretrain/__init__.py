@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from sap.config import Config
-    from sap.pretrain.common import PretrainResult
+    from sap.models.training import StageResult
 
 
 def run_pretrain(
@@ -22,7 +22,7 @@ def run_pretrain(
     progress: bool = True,
     stop_after: int | None = None,
     keep_memory: bool = True,
-) -> PretrainResult:
+) -> StageResult:
     """Run one pretraining stage with a validated config; outputs in ``RUN/pretrain/<stage>``.
 
     ``keep_memory`` (skeletal stage, CPU only) keeps freed memory for reuse during the training

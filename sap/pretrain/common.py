@@ -1,55 +1,25 @@
-"""What both pretraining stages share: output folder rules, data, checkpoint writing."""
+"""What both pretraining stages share: their folder and their data."""
 
 from __future__ import annotations
 
-import json
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import torch
-
-from sap.config import Config, save_config
+from sap.config import Config
 from sap.data.cache import CachedCase, cache_cases
 from sap.data.cases import discover_cohort
-from sap.data.io import atomic_write_text
 from sap.data.splits import pretrain_split
 from sap.errors import SapError
+from sap.run_layout import PRETRAIN_STAGES, RunDir
 
-STAGES = ("skeletal", "ssl")
-
-
-@dataclass
-class PretrainResult:
-    """What a pretraining run produced."""
-
-    stage: str
-    out_dir: Path
-    steps: int
-    best_step: int
-    best_metric: float
-    final_metrics: dict[str, float] = field(default_factory=dict)
-    summary: dict[str, Any] = field(default_factory=dict)
-    main_process: bool = True  #: False on the other ranks under ``accelerate launch``
-
-    @property
-    def best(self) -> Path:
-        return self.out_dir / "best.pt"
-
-    @property
-    def last(self) -> Path:
-        return self.out_dir / "last.pt"
+STAGES = PRETRAIN_STAGES
 
 
 def stage_dir(cfg: Config, stage: str) -> Path:
     """``RUN/pretrain/<stage>``; ``RUN`` is ``--out`` (config key ``out``)."""
-    if stage not in STAGES:
+    if stage not in STAGES:  # before asking for the run folder: the stage is the first mistake
         raise SapError(f"unknown pretraining stage {stage!r}; choose skeletal or ssl")
-    if not cfg.out:
-        raise SapError("no run folder: pass --out RUN (or set out in the config)")
-    return Path(cfg.out) / "pretrain" / stage
+    return RunDir.of(cfg.out).pretrain(stage)
 
 
 @dataclass
@@ -83,31 +53,6 @@ def load_stage_data(cfg: Config, need_skeleton: bool, progress: bool = True) -> 
     return StageData(train=train, val=val or list(train), channels=list(cfg.data.channels), val_is_train=val_is_train)
 
 
-def seed_everything(seed: int) -> np.random.Generator:
-    """Seed torch and Python; return the numpy generator the stage draws its own randomness from."""
-    import random
-
-    random.seed(seed)
-    torch.manual_seed(seed)
-    return np.random.default_rng(seed)
-
-
-def write_summary(folder: Path, summary: dict[str, Any]) -> Path:
-    """``summary.json`` with NaN written as null."""
-
-    def clean(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [clean(v) for v in value]
-        if isinstance(value, (float, np.floating)):
-            return None if not math.isfinite(float(value)) else float(value)
-        if isinstance(value, (np.integer,)):
-            return int(value)
-        return value
-
-    return atomic_write_text(folder / "summary.json", json.dumps(clean(summary), indent=1) + "\n")
-
-
-def save_resolved_config(cfg: Config, folder: Path) -> None:
-    save_config(cfg, folder / "config.yaml")
+def data_summary(data: StageData) -> dict[str, object]:
+    """The ``summary.json`` entries both stages write about their validation exams."""
+    return {"validation_cases": [c.case_id for c in data.val], "validation_is_training_data": data.val_is_train}

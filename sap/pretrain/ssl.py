@@ -13,37 +13,18 @@ heads and training state for ``--resume``.
 
 from __future__ import annotations
 
-import math
-import time
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 
 from sap.config import Config
-from sap.errors import SapError
 from sap.models.ssl import SSLModel, make_ssl_batch, ssl_losses
-from sap.models.swin import build_swin_unetr, set_patch_merging
-from sap.models.training import (
-    LoopState,
-    RunLogger,
-    every,
-    make_accelerator,
-    prepare_out_dir,
-    restore_training_state,
-    train_loop,
-    training_state,
-    warmup_cosine_schedule,
-)
-from sap.models.weights import load_checkpoint, make_checkpoint, save_checkpoint
-from sap.pretrain.common import (
-    PretrainResult,
-    load_stage_data,
-    save_resolved_config,
-    seed_everything,
-    stage_dir,
-    write_summary,
-)
+from sap.models.swin import build_swin_unetr
+from sap.models.training import StageContext, StageParts, StageResult, StageSpec, run_stage
+from sap.pretrain.common import data_summary, load_stage_data, stage_dir
+from sap.run_layout import PRETRAIN_SECTIONS
 from sap.sampling import ClassBalancedSampler, EpochCursor, SamplingCase
 from sap.sampling.torch_data import batch_stream
 
@@ -116,120 +97,48 @@ def train_ssl(
     overwrite: bool = False,
     progress: bool = True,
     stop_after: int | None = None,
-) -> PretrainResult:
-    """Run (or resume) SSL pretraining; outputs in ``RUN/pretrain/ssl``."""
-    started = time.perf_counter()
-    out = stage_dir(cfg, STAGE)
-    # train_loop(reuse_memory=...) stays off here: with four views the attention buffers fragment a never-trimmed
-    # heap and resident memory keeps growing (4.5 → 9.6 GB in three demo steps, measured).
-    accelerator = make_accelerator(cfg.pretrain.amp)
-    main = accelerator.is_main_process
-    if main:
-        prepare_out_dir(out, resume, overwrite)
-    accelerator.wait_for_everyone()
-    data = load_stage_data(cfg, need_skeleton=False, progress=progress and main)
-    generator = seed_everything(cfg.pretrain.seed)
-    in_channels = len(data.channels)
+) -> StageResult:
+    """Run (or resume) SSL pretraining; outputs in ``RUN/pretrain/ssl``.
+
+    ``reuse_memory`` stays off here: with four views the attention buffers fragment a
+    never-trimmed heap and resident memory keeps growing (4.5 → 9.6 GB in three demo steps,
+    measured).
+    """
+    p = cfg.pretrain
+    spec = StageSpec(
+        kind=STAGE, out_dir=stage_dir(cfg, STAGE), config=cfg, max_steps=ssl_steps(cfg), val_every=p.val_every_steps,
+        metric="val_loss", lower_is_better=True, columns=["lr", *LOSS_NAMES, *[f"val_{k}" for k in LOSS_NAMES]],
+        warmup_fraction=p.warmup_fraction, amp=p.amp, seed=p.seed, desc="pretrain ssl",
+        sections=PRETRAIN_SECTIONS, info={"stage": STAGE}, channels=cfg.data.channels, out_channels=0,
+    )  # fmt: skip
+    return run_stage(
+        spec, partial(_setup, cfg), resume=resume, overwrite=overwrite, progress=progress, stop_after=stop_after
+    )
+
+
+def _setup(cfg: Config, ctx: StageContext) -> StageParts:
+    """Encoder + SSL heads, body-centred crops made into two masked, rotated views each."""
+    data = load_stage_data(cfg, need_skeleton=False, progress=ctx.progress)
     ssl = cfg.pretrain.ssl
     batch_size = crops_per_batch(cfg)
-
-    model = build_ssl_model(cfg, in_channels)
+    model = build_ssl_model(cfg, len(data.channels))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain.lr, weight_decay=cfg.pretrain.weight_decay)
-    scheduler = warmup_cosine_schedule(optimizer, ssl_steps(cfg), cfg.pretrain.warmup_fraction)
-    sampler = body_sampler(data.train, cfg, batch_size, accelerator.num_processes, cfg.pretrain.seed)
+    sampler = body_sampler(data.train, cfg, batch_size, ctx.world_size, cfg.pretrain.seed)
     cursor = EpochCursor()
-    loop = LoopState()
-    if resume:
-        checkpoint = load_checkpoint(out / "last.pt")
-        if checkpoint.get("kind") != STAGE or "training" not in checkpoint:
-            raise SapError(f"{out / 'last.pt'}: not a resumable SSL checkpoint")
-        set_patch_merging(model, checkpoint["patch_merging"])
-        model.load_state_dict({**checkpoint["state_dict"], **checkpoint["ssl_heads"]}, strict=True)
-        loop = restore_training_state(checkpoint["training"], optimizer, scheduler, accelerator, generator)
-        cursor.load_state_dict(checkpoint["training"]["cursor"])
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if main:
-        save_resolved_config(cfg, out)
-    logger = RunLogger(
-        out, ["lr", *LOSS_NAMES, *[f"val_{k}" for k in LOSS_NAMES]], resume_step=loop.step if resume else None, enabled=main
-    )
-    device = accelerator.device
+    stream = batch_stream(sampler, cursor, rank=ctx.rank, num_workers=cfg.pretrain.num_workers)
     # one fixed batch per validation exam, at most four: stable numbers without a long pause
-    val_batches = validation_batches(data.val, cfg, n_batches=min(4, len(data.val))) if main else []
-    stream = batch_stream(sampler, cursor, rank=accelerator.process_index, num_workers=cfg.pretrain.num_workers)
+    val_batches = validation_batches(data.val, cfg, n_batches=min(4, len(data.val))) if ctx.main else []
 
     def draw_batch() -> Any:
-        crops = next(stream)["image"].to(device)
-        return make_ssl_batch(crops, generator, ssl.mask_ratio, ssl.mask_block_fraction)
+        crops = next(stream)["image"].to(ctx.device)
+        return make_ssl_batch(crops, ctx.generator, ssl.mask_ratio, ssl.mask_block_fraction)
 
-    def step_fn(net: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, dict]:
+    def step(net: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, dict]:
         losses = ssl_losses(net, batch, ssl.temperature)
         return losses.total, losses.as_floats()
 
-    last_scores: dict[str, float] = {}
-
-    def checkpoint(extra_state: bool, metrics: dict[str, float]) -> dict[str, Any]:
-        net: SSLModel = accelerator.unwrap_model(model)
-        extra: dict[str, Any] = {"stage": STAGE, "step": loop.step, "metrics": metrics}
-        if extra_state:
-            state = training_state(optimizer, scheduler, accelerator, loop, generator)
-            state["cursor"] = cursor.state_dict()
-            extra["training"] = state
-            extra["ssl_heads"] = {k: v.detach().cpu() for k, v in net.state_dict().items() if k.startswith("heads.")}
-        return make_checkpoint(
-            net,
-            config=cfg.to_dict(),
-            channels=data.channels,
-            kind=STAGE,
-            out_channels=0,
-            state_dict=net.encoder_state_dict(),
-            **extra,
-        )
-
-    def validate(state: LoopState) -> dict[str, float]:
-        values: dict[str, float] = {}
-        if main:
-            values = validate_ssl(accelerator.unwrap_model(model), val_batches, cfg, device)
-            metric = -values["val_loss"]  # higher is better everywhere in LoopState
-            if math.isfinite(metric) and metric > state.best_metric:
-                state.best_metric, state.best_step = metric, state.step
-                save_checkpoint(checkpoint(False, values), out / "best.pt")
-            save_checkpoint(checkpoint(True, values), out / "last.pt")
-            last_scores.clear()
-            last_scores.update(values)
-        accelerator.wait_for_everyone()
-        return values
-
-    try:
-        loop = train_loop(
-            model=model,
-            draw_batch=draw_batch,
-            step_fn=step_fn,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            accelerator=accelerator,
-            loop=loop,
-            max_steps=ssl_steps(cfg),
-            callbacks=[every(cfg.pretrain.val_every_steps, validate)],
-            logger=logger,
-            desc="pretrain ssl",
-            stop_after=stop_after,
-            progress=progress,
-        )
-    finally:
-        logger.close()
-    summary = {
-        "stage": STAGE,
-        "steps": loop.step,
-        "best_step": loop.best_step,
-        "best_val_loss": -loop.best_metric,
-        "final": last_scores,
-        "crops_per_batch": batch_size,
-        "validation_cases": [c.case_id for c in data.val],
-        "validation_is_training_data": data.val_is_train,
-        "seconds": time.perf_counter() - started,
-        "device": str(device),
-    }
-    if main:
-        write_summary(out, summary)
-    return PretrainResult(STAGE, out, loop.step, loop.best_step, loop.best_metric, dict(last_scores), summary, main)
+    return StageParts(
+        model, optimizer, draw_batch, step, lambda net: validate_ssl(net, val_batches, cfg, ctx.device),
+        cursor=cursor, export=lambda net: net.encoder_state_dict(),
+        summary=lambda: {"crops_per_batch": batch_size, **data_summary(data)},
+    )  # fmt: skip

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from sap import __version__
-from sap.data.io import Geometry, atomic_write_text, make_geometry, write_image
+from sap.data.io import Geometry, make_geometry, write_image
 from sap.data.synth.intensity import render_ct, render_mr
 from sap.data.synth.lesions import (
     Finding,
@@ -45,6 +45,7 @@ from sap.data.synth.phantom import ExamPose, Phantom, SubjectParams, T, build_ph
 from sap.data.synth.presets import Preset, get_preset
 from sap.data.synth.shapes import Canvas
 from sap.errors import SapError
+from sap.files import atomic_write_text
 
 if TYPE_CHECKING:
     from sap.data.synth.anatomy import AnatomySource
