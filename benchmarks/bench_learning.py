@@ -184,6 +184,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--val-every", type=int, default=20)
     parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--from-run", action="store_true",
+                        help="read the inits' curves from RUN/{method}/fold_F/log.csv of a finished run "
+                             "(e.g. a sap demo with the same settings) instead of fine-tuning again")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", default="learning.json")
     parser.add_argument("--plot", default=None)
@@ -194,7 +197,16 @@ def main(argv: list[str] | None = None) -> None:
     overrides = [*args.set, f"finetune.max_steps={args.steps}", f"finetune.val_every_steps={args.val_every}"]
     cfg = config_from_args(argparse.Namespace(config=args.config, overrides=overrides, data=args.cohort,
                                               out=args.run))
-    curves = run_stage_curves(cfg, [i for i in args.inits.split(",") if i], args.fold)
+    inits = [i for i in args.inits.split(",") if i]
+    if args.from_run:
+        method_of = {"scratch": "baseline", "ssl": "ssl", "sap": "sap"}
+        curves = {}
+        for init in inits:
+            log = Path(args.run) / method_of[init] / f"fold_{args.fold}" / "log.csv"
+            curves[init] = _curve_from_log(log)
+            curves[init]["seconds"] = json.loads((log.parent / "summary.json").read_text()).get("seconds", float("nan"))
+    else:
+        curves = run_stage_curves(cfg, inits, args.fold)
     if not args.no_peer:
         curves["MONAI peer (scratch)"] = run_peer_curve(cfg, args.fold)
     import torch
