@@ -33,6 +33,8 @@ def test_real_ct_anatomy(shared_data, small, tmp_path):
     meta = json.loads((out / "cohort.json").read_text())
     assert meta["shared_anatomy"] is True and meta["anatomy"] == str(source.resolve())
     assert meta["channels"] == ["CT"]
+    # the demo/tiny volume scale compensates the phantom's coarse grid; real scans keep their voxels
+    assert meta["lesion_volume_scale"] == 1.0
     src = read_image(source / "ct.nii.gz")
     labels = read_image(source / "labels_totalseg.nii.gz").array
     expected_skeleton = convert_totalseg(labels, default_class_map()["total"])

@@ -16,6 +16,7 @@ half-written cohort, and an existing one is replaced only with ``overwrite``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -301,6 +302,9 @@ def make_cohort(
     """
     out = Path(out)
     chosen = get_preset(preset)
+    if anatomy is not None and chosen.lesion_volume_scale != 1:
+        # the scale compensates the phantom's coarse grid; real scans keep their own voxels
+        chosen = dataclasses.replace(chosen, lesion_volume_scale=1.0)
     if modality not in CHANNELS:
         raise SapError(f"--modality {modality!r}: choose one of {', '.join(CHANNELS)}")
     if seed < 0:
