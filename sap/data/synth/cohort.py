@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -45,7 +43,7 @@ from sap.data.synth.phantom import ExamPose, Phantom, SubjectParams, T, build_ph
 from sap.data.synth.presets import Preset, get_preset
 from sap.data.synth.shapes import Canvas
 from sap.errors import SapError
-from sap.files import atomic_write_text
+from sap.files import atomic_write_text, staged_folder
 
 if TYPE_CHECKING:
     from sap.data.synth.anatomy import AnatomySource
@@ -270,17 +268,6 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
             raise SapError(f"{out}: not a sap cohort (no cohort.json); refusing to replace it, choose another --out")
 
 
-def _replace_folder(tmp: Path, out: Path) -> None:
-    """Move the finished cohort into place; an old cohort is removed only after the new one is there."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / out.name)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old)
-
-
 def make_cohort(
     out: str | Path,
     preset: str = "demo",
@@ -328,10 +315,8 @@ def make_cohort(
     if workers < 1:
         raise SapError(f"--workers {workers}: must be at least 1")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the cohort is an ordinary folder
-    try:
+    # the finished cohort replaces an old one only once it is complete
+    with staged_folder(out) as tmp:
         from tqdm.auto import tqdm
 
         records = list(tqdm(_run_jobs(jobs, tmp, workers), total=len(jobs), desc="sap synth", unit="exam", disable=not progress))
@@ -359,8 +344,4 @@ def make_cohort(
         }
         atomic_write_text(tmp / "cohort.json", json.dumps(cohort, indent=1, sort_keys=True) + "\n")
         _prepare_output(out, overwrite)  # re-check: someone may have written there meanwhile
-        _replace_folder(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out
