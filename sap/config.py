@@ -443,58 +443,11 @@ def save_config(cfg: Config, path: str | Path) -> Path:
     return atomic_write_text(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-# ----------------------------------------------------------------------------------- CLI helpers
-def add_config_arguments(parser: Any, data: bool = True, out: bool = True) -> None:
-    """The options every configurable command shares: ``--config``, ``--set``, ``--data``, ``--out``."""
-    parser.add_argument(
-        "--config",
-        default="paper",
-        help="YAML config file, or a shipped preset name (tiny, demo, paper)",
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config key, e.g. --set finetune.max_steps=20 (repeatable)",
-    )
-    if data:
-        parser.add_argument("--data", default=None, help="cohort folder (overrides data.root)")
-    if out:
-        parser.add_argument("--out", default=None, help="run folder for outputs (overrides out)")
+def __getattr__(name: str) -> Any:
+    """The command-line helpers moved to :mod:`sap.cli`; this keeps the old names importable for
+    the modules that have not moved yet (``sap.slice2d.cli``, benchmarks)."""
+    if name in ("add_config_arguments", "config_from_args"):
+        import sap.cli
 
-
-def config_from_args(args: Any) -> Config:
-    """Resolve ``--config``/``--set``/``--data``/``--out`` into a validated config."""
-    overrides = list(getattr(args, "overrides", []) or [])
-    cfg = load_config(args.config, overrides)
-    if getattr(args, "data", None):
-        cfg.data.root = str(args.data)
-    if getattr(args, "out", None):
-        cfg.out = str(args.out)
-    overridden = {parse_override(text)[0] for text in overrides}
-    apply_cohort_metadata(cfg, keep=overridden)
-    return cfg
-
-
-def apply_cohort_metadata(cfg: Config, keep: set[str] | frozenset[str] = frozenset()) -> None:
-    """Take channel names and modality from ``ROOT/cohort.json`` (written by ``sap synth``).
-
-    A cohort that states its own channels (``CT`` for a CT cohort) is read with them whatever the
-    preset says; keys the user set with ``--set`` (``keep``) win.
-    """
-    if not cfg.data.root:
-        return
-    path = Path(cfg.data.root) / "cohort.json"
-    if not path.is_file():
-        return
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, OSError) as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
-    channels, modality = meta.get("channels"), meta.get("modality")
-    if isinstance(channels, list) and "data.channels" not in keep and channels != cfg.data.channels:
-        cfg.data.channels = [str(c) for c in channels]
-    if modality in ("mr", "ct") and "data.modality" not in keep and modality != cfg.data.modality:
-        cfg.data.modality = modality
+        return getattr(sap.cli, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
