@@ -11,9 +11,13 @@ import argparse
 import importlib
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from sap import RESEARCH_USE_ONLY, __version__
 from sap.errors import SapError
+
+if TYPE_CHECKING:
+    from sap.config import Config
 
 #: subcommand → (module, one-line help). The module provides add_arguments() and run().
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -31,6 +35,54 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# ------------------------------------------------------------------------------------ shared options
+def add_config_arguments(parser: argparse.ArgumentParser, data: bool = True, out: bool = True) -> None:
+    """The options every configurable command shares: ``--config``, ``--set``, ``--data``, ``--out``."""
+    parser.add_argument(
+        "--config",
+        default="paper",
+        help="YAML config file, or a shipped preset name (tiny, demo, paper)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. --set finetune.max_steps=20 (repeatable)",
+    )
+    if data:
+        parser.add_argument("--data", default=None, help="cohort folder (overrides data.root)")
+    if out:
+        parser.add_argument("--out", default=None, help="run folder for outputs (overrides out)")
+
+
+def config_from_args(args: Any) -> Config:
+    """Resolve ``--config``/``--set``/``--data``/``--out`` into a validated config.
+
+    A cohort whose ``cohort.json`` (``sap synth``) states its channels and modality (``CT`` for a
+    CT cohort) is read with them whatever the preset says; keys set with ``--set`` win.
+    """
+    from sap.config import load_config, parse_override
+    from sap.data.cases import read_cohort_json
+
+    overrides = list(getattr(args, "overrides", []) or [])
+    cfg = load_config(args.config, overrides)
+    if getattr(args, "data", None):
+        cfg.data.root = str(args.data)
+    if getattr(args, "out", None):
+        cfg.out = str(args.out)
+    kept = {parse_override(text)[0] for text in overrides}
+    meta = read_cohort_json(cfg.data.root) or {}
+    channels, modality = meta.get("channels"), meta.get("modality")
+    if isinstance(channels, list) and "data.channels" not in kept:
+        cfg.data.channels = [str(c) for c in channels]
+    if modality in ("mr", "ct") and "data.modality" not in kept:
+        cfg.data.modality = modality
+    return cfg
+
+
+# ------------------------------------------------------------------------------------ dispatch
 def _load(module_name: str):
     try:
         return importlib.import_module(module_name)

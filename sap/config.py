@@ -17,13 +17,14 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from sap.errors import SapError
 
-PRESETS = ("tiny", "demo", "paper")
+PresetName = Literal["tiny", "demo", "paper"]
+PRESETS: tuple[str, ...] = typing.get_args(PresetName)
 
 
 @dataclass
@@ -33,13 +34,13 @@ class DataConfig:
     root: str | None = None  #: cohort folder (``--data``)
     healthy: str | None = None  #: healthy cases; default ``ROOT/healthy``
     patients: str | None = None  #: patient cases; default ``ROOT/patients``
-    layout: str = "auto"  #: auto | case_folders | nnunet | datalist
-    label_kind: str = "lesions"  #: what nnU-Net/datalist labels hold: lesions | skeleton
-    modality: str = "mr"  #: mr | ct
+    layout: Literal["auto", "case_folders", "nnunet", "datalist"] = "auto"
+    label_kind: Literal["lesions", "skeleton"] = "lesions"  #: what nnU-Net/datalist labels hold
+    modality: Literal["mr", "ct"] = "mr"
     channels: list[str] = field(default_factory=lambda: ["T1", "b1000"])
     resample_channels: bool = False  #: resample channels/labels onto the first channel's grid
     binarize: bool = False  #: accept any non-zero lesion value as lesion
-    normalization: str = "percentile"  #: percentile | zscore | ct_window
+    normalization: Literal["percentile", "zscore", "ct_window", "none"] = "percentile"  #: none: the images are already normalised
     percentiles: list[float] = field(default_factory=lambda: [1.0, 99.0])
     ct_window: list[float] = field(default_factory=lambda: [-1000.0, 2000.0])
     target_spacing: list[float] | None = None  #: mm, array axis order; None keeps the source spacing
@@ -61,7 +62,7 @@ class ModelConfig:
     attn_drop_rate: float = 0.1
     dropout_path_rate: float = 0.1
     use_checkpoint: bool = False  #: gradient checkpointing (saves GPU memory)
-    patch_merging: str = "auto"  #: auto | legacy | current
+    patch_merging: Literal["auto", "legacy", "current"] = "auto"
     encoder_patterns: list[str] = field(default_factory=lambda: ["swinViT.", "encoder"])
 
 
@@ -103,7 +104,7 @@ class FinetuneConfig:
     warmup_fraction: float = 0.025
     val_every_steps: int = 1000
     batch_size: int = 2
-    sampler: str = "instance"  #: instance | posneg
+    sampler: Literal["instance", "posneg"] = "instance"
     #: start the new 2-class head at the training folds' lesion prior (every init alike); false
     #: keeps MONAI's initialisation, which predicts about 50 % lesion everywhere at first
     prior_head: bool = True
@@ -129,9 +130,9 @@ class EvaluateConfig:
     threshold: float = 0.5
     t_min: float = 0.05
     tolerance_mm: float = 2.0
-    connectivity: int = 26
+    connectivity: Literal[6, 18, 26] = 26
     min_volume_ml: float = 0.0
-    froc: str = "candidate"  #: candidate | sweep
+    froc: Literal["candidate", "sweep"] = "candidate"
     volume_threshold_ml: float = 1.0
     n_bootstrap: int = 1000
     seed: int = 0
@@ -141,7 +142,7 @@ class EvaluateConfig:
 @dataclass
 class TuningConfig:
     grid: list[float] = field(default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 20)])
-    objective: str = "mean_f2"  #: mean_f2 | pooled_f2
+    objective: Literal["mean_f2", "pooled_f2"] = "mean_f2"
     tune_min_volume: bool = False
     min_volume_ml_grid: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.25, 0.5, 1.0])
 
@@ -149,9 +150,11 @@ class TuningConfig:
 @dataclass
 class CVConfig:
     k: int = 7
-    methods: list[str] = field(default_factory=lambda: ["baseline", "ssl", "sap"])
-    checkpoint: str = "last"  #: last | best
-    threshold: str = "shared"  #: shared | per_fold
+    methods: list[Literal["baseline", "scratch", "ssl", "sap"]] = field(
+        default_factory=lambda: ["baseline", "ssl", "sap"]
+    )
+    checkpoint: Literal["last", "best"] = "last"
+    threshold: Literal["shared", "per_fold"] = "shared"
     tuning_in_training: bool = True
     seed: int = 42
 
@@ -160,12 +163,12 @@ class CVConfig:
 class Slice2DConfig:
     """2D CT slice models (SPEC §11, ``sap slice2d``); sizes in pixels, window in HU."""
 
-    model: str = "unet"  #: unet | foundation | sam
-    target: str = "lesions"  #: lesions | bone (skeleton > 0)
+    model: Literal["unet", "foundation", "sam"] = "unet"
+    target: Literal["lesions", "bone"] = "lesions"  #: bone: skeleton > 0
     image_size: int = 512  #: slices are resized to image_size² for the network
     window_level: float = 400.0
     window_width: float = 1800.0
-    slice_filter: str = "balanced"  #: all | foreground | balanced (foreground + as many background)
+    slice_filter: Literal["all", "foreground", "balanced"] = "balanced"  #: balanced: foreground + as many background
     val_fraction: float = 0.2  #: validation subjects (patient-level split)
     max_steps: int = 2000
     batch_size: int = 4
@@ -191,8 +194,8 @@ class Slice2DConfig:
     amp: bool = True  #: used only on a GPU
     augment: bool = True  #: paper 000: affine (p 0.7, ±20°, scale 0.9–1.1) and intensity jitter (p 0.8)
     # zero-shot prompting (paper 001)
-    sam_family: str = "sam"  #: sam | medsam (box strategies only)
-    component_rule: str = "and"  #: and (authors' code) | or (paper text)
+    sam_family: Literal["sam", "medsam"] = "sam"  #: medsam: box strategies only
+    component_rule: Literal["and", "or"] = "and"  #: and: the authors' code; or: the paper text
     min_component_pixels: int = 15
     min_component_fraction: float = 0.05
     prompt_seed: int = 0
@@ -202,7 +205,7 @@ class Slice2DConfig:
 class Config:
     """The whole resolved configuration of a run."""
 
-    scale: str = "paper"  #: tiny | demo | paper (stated in reports)
+    scale: PresetName = "paper"  #: stated in reports
     out: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -281,6 +284,8 @@ def _type_ok(value: Any, annotation: Any) -> tuple[bool, Any]:
         return False, value
     if annotation is type(None):
         return value is None, value
+    if origin is typing.Literal:  # the allowed values, beside the field
+        return any(type(value) is type(a) and value == a for a in typing.get_args(annotation)), value
     if origin is list:
         if not isinstance(value, list):
             return False, value
@@ -311,6 +316,17 @@ def _type_name(annotation: Any) -> str:
     return str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
+def _problem(dotted: str, value: Any, annotation: Any) -> str:
+    """One line naming the key and what it accepts (the allowed values of a ``Literal``)."""
+    inner = typing.get_args(annotation)[0] if typing.get_origin(annotation) is list else annotation
+    if typing.get_origin(inner) is typing.Literal and (typing.get_origin(annotation) is not list or isinstance(value, list)):
+        allowed = typing.get_args(inner)
+        items = value if inner is not annotation else [value]
+        bad = next((v for v in items if not _type_ok(v, inner)[0]), value)
+        return f"{dotted}: {bad!r} is not one of {', '.join(map(str, allowed))}"
+    return f"{dotted}: expected {_type_name(annotation)}, got {value!r}"
+
+
 def _build(cls: type, raw: dict[str, Any], prefix: str, problems: list[str]) -> Any:
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
@@ -327,40 +343,14 @@ def _build(cls: type, raw: dict[str, Any], prefix: str, problems: list[str]) -> 
             continue
         ok, coerced = _type_ok(value, annotation)
         if not ok:
-            problems.append(f"{prefix}{key}: expected {_type_name(annotation)}, got {value!r}")
+            problems.append(_problem(f"{prefix}{key}", value, annotation))
             continue
         kwargs[key] = coerced
     return cls(**kwargs)
 
 
-_CHOICES = {
-    "scale": PRESETS,
-    "data.layout": ("auto", "case_folders", "nnunet", "datalist"),
-    "data.label_kind": ("lesions", "skeleton"),
-    "data.modality": ("mr", "ct"),
-    "data.normalization": ("percentile", "zscore", "ct_window", "none"),
-    "model.patch_merging": ("auto", "legacy", "current"),
-    "finetune.sampler": ("instance", "posneg"),
-    "evaluate.froc": ("candidate", "sweep"),
-    "evaluate.connectivity": (6, 18, 26),
-    "tuning.objective": ("mean_f2", "pooled_f2"),
-    "cv.checkpoint": ("last", "best"),
-    "cv.threshold": ("shared", "per_fold"),
-    "slice2d.model": ("unet", "foundation", "sam"),
-    "slice2d.target": ("lesions", "bone"),
-    "slice2d.slice_filter": ("all", "foreground", "balanced"),
-    "slice2d.sam_family": ("sam", "medsam"),
-    "slice2d.component_rule": ("and", "or"),
-}
-
-
-def _check_choices(cfg: Config, problems: list[str]) -> None:
-    for dotted, allowed in _CHOICES.items():
-        obj: Any = cfg
-        for part in dotted.split("."):
-            obj = getattr(obj, part)
-        if obj not in allowed:
-            problems.append(f"{dotted}: {obj!r} is not one of {', '.join(map(str, allowed))}")
+def _check_values(cfg: Config, problems: list[str]) -> None:
+    """Rules between values that a type cannot state."""
     if len(cfg.model.patch_size) != 3 or any(p % 32 for p in cfg.model.patch_size):
         problems.append(f"model.patch_size: {cfg.model.patch_size} must be three sizes divisible by 32")
     if cfg.model.feature_size % 12:
@@ -370,9 +360,6 @@ def _check_choices(cfg: Config, problems: list[str]) -> None:
         problems.append(f"slice2d.positive_fraction: {pf} must be between 0 and 1 (or null)")
     if cfg.cv.k < 3:
         problems.append(f"cv.k: {cfg.cv.k} must be at least 3 (tuning fold + two test folds)")
-    for name in cfg.cv.methods:
-        if name not in ("baseline", "scratch", "ssl", "sap"):
-            problems.append(f"cv.methods: {name!r} is not one of baseline, scratch, ssl, sap")
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "<config>") -> Config:
@@ -380,7 +367,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "<config>") -> Config:
     problems: list[str] = []
     cfg = _build(Config, raw or {}, "", problems)
     if not problems:
-        _check_choices(cfg, problems)
+        _check_values(cfg, problems)
     if problems:
         raise ConfigError(f"{source}: invalid config: " + "; ".join(problems))
     return cfg
@@ -449,58 +436,11 @@ def save_config(cfg: Config, path: str | Path) -> Path:
     return atomic_write_text(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-# ----------------------------------------------------------------------------------- CLI helpers
-def add_config_arguments(parser: Any, data: bool = True, out: bool = True) -> None:
-    """The options every configurable command shares: ``--config``, ``--set``, ``--data``, ``--out``."""
-    parser.add_argument(
-        "--config",
-        default="paper",
-        help="YAML config file, or a shipped preset name (tiny, demo, paper)",
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config key, e.g. --set finetune.max_steps=20 (repeatable)",
-    )
-    if data:
-        parser.add_argument("--data", default=None, help="cohort folder (overrides data.root)")
-    if out:
-        parser.add_argument("--out", default=None, help="run folder for outputs (overrides out)")
+def __getattr__(name: str) -> Any:
+    """The command-line helpers moved to :mod:`sap.cli`; this keeps the old names importable for
+    the modules that have not moved yet (``sap.slice2d.cli``, benchmarks)."""
+    if name in ("add_config_arguments", "config_from_args"):
+        import sap.cli
 
-
-def config_from_args(args: Any) -> Config:
-    """Resolve ``--config``/``--set``/``--data``/``--out`` into a validated config."""
-    overrides = list(getattr(args, "overrides", []) or [])
-    cfg = load_config(args.config, overrides)
-    if getattr(args, "data", None):
-        cfg.data.root = str(args.data)
-    if getattr(args, "out", None):
-        cfg.out = str(args.out)
-    overridden = {parse_override(text)[0] for text in overrides}
-    apply_cohort_metadata(cfg, keep=overridden)
-    return cfg
-
-
-def apply_cohort_metadata(cfg: Config, keep: set[str] | frozenset[str] = frozenset()) -> None:
-    """Take channel names and modality from ``ROOT/cohort.json`` (written by ``sap synth``).
-
-    A cohort that states its own channels (``CT`` for a CT cohort) is read with them whatever the
-    preset says; keys the user set with ``--set`` (``keep``) win.
-    """
-    if not cfg.data.root:
-        return
-    path = Path(cfg.data.root) / "cohort.json"
-    if not path.is_file():
-        return
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, OSError) as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
-    channels, modality = meta.get("channels"), meta.get("modality")
-    if isinstance(channels, list) and "data.channels" not in keep and channels != cfg.data.channels:
-        cfg.data.channels = [str(c) for c in channels]
-    if modality in ("mr", "ct") and "data.modality" not in keep and modality != cfg.data.modality:
-        cfg.data.modality = modality
+        return getattr(sap.cli, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

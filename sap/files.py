@@ -5,20 +5,22 @@ conventions live in one place:
 
 * a file is written to a hidden temporary sibling and renamed into place (:func:`atomic_write`);
   a kill never leaves half a file and a failed write leaves neither a temporary file nor a
-  damaged target. Folders are built under a temporary sibling and swapped in
-  (:func:`publish_folder`);
+  damaged target. Folders are built in a hidden staging folder and swapped in whole
+  (:func:`staged_folder`, :func:`publish_folder`), or their files moved in one by one
+  (:func:`publish_files`);
 * JSON never holds ``NaN``/``Infinity`` (not JSON): non-finite floats become ``null`` and numpy
   scalars plain Python numbers (:func:`nan_to_none`, :func:`write_json`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +29,14 @@ import numpy as np
 from sap.errors import SapError
 
 
-def _default_mode() -> int:
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+def _default_mode() -> int:
+    return 0o666 & ~_umask()
 
 
 def publish(tmp: str | Path, path: str | Path) -> None:
@@ -75,30 +81,64 @@ def atomic_write_text(path: str | Path, text: str, overwrite: bool = True) -> Pa
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def publish_folder(staging: str | Path, folder: str | Path) -> Path:
-    """Swap a finished ``staging`` folder in as ``folder`` (an earlier ``folder`` is replaced).
+def staging_folder(folder: str | Path, parent: str | Path | None = None) -> Path:
+    """A new hidden, empty folder to build ``folder`` in: a sibling of it, or inside ``parent``;
+    as readable as any folder the user creates (umask respected)."""
+    folder = Path(folder)
+    where = Path(parent) if parent is not None else folder.parent
+    where.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=where))
+    staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private
+    return staging
 
-    The earlier folder is moved aside first, so at every moment ``folder`` is either the old or
-    the new one, never a mixture.
+
+def publish_folder(staging: str | Path, folder: str | Path, replace: bool = True) -> bool:
+    """Swap a finished ``staging`` folder in as ``folder``.
+
+    An earlier ``folder`` is moved aside first and removed after the swap, so at every moment
+    ``folder`` is the old or the new one, never a mixture. With ``replace=False`` an existing
+    ``folder`` wins (another process published the same content first): ``staging`` stays for the
+    caller to remove and the result is False.
     """
     staging, folder = Path(staging), Path(folder)
+    if not replace:
+        try:
+            os.rename(staging, folder)  # fails when folder exists and is not empty
+        except OSError:
+            if not folder.exists():
+                raise
+            return False
+        return True
     if folder.exists():
-        backup = folder.with_name(f".{folder.name}.old")
-        if backup.exists():
-            shutil.rmtree(backup)
-        os.replace(folder, backup)
+        old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+        os.replace(folder, old / folder.name)
         os.replace(staging, folder)
-        shutil.rmtree(backup)
+        shutil.rmtree(old)
     else:
         os.replace(staging, folder)
-    return folder
+    return True
 
 
-def staging_folder(folder: str | Path) -> Path:
-    """A new hidden temporary sibling of ``folder`` to build it in (see :func:`publish_folder`)."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+@contextlib.contextmanager
+def staged_folder(folder: str | Path, replace: bool = True) -> Iterator[Path]:
+    """Build ``folder`` in a staging folder (yielded) and publish it when the block succeeds
+    (:func:`publish_folder`); on an error, or when another process won, the staging folder goes."""
+    staging = staging_folder(folder)
+    try:
+        yield staging
+        publish_folder(staging, folder, replace)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def publish_files(staging: str | Path, names: Iterable[str], folder: str | Path) -> list[Path]:
+    """Move finished files ``names`` from ``staging`` into ``folder`` (each rename atomic)."""
+    out = []
+    for name in names:
+        os.replace(Path(staging) / name, Path(folder) / name)
+        out.append(Path(folder) / name)
+    return out
 
 
 # ------------------------------------------------------------------------------------ JSON

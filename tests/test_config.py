@@ -79,3 +79,15 @@ def test_bad_yaml_file_names_the_file(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_allowed_values_live_beside_their_fields_and_every_offence_is_listed():
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"finetune": {"sampler": "random"}, "cv": {"methods": ["sap", "imagenet"]},
+                          "evaluate": {"connectivity": 8}, "model": {"feature_sise": 1}}, "x.yaml")  # fmt: skip
+    message = str(info.value)
+    assert len(message.splitlines()) == 1
+    for part in ("finetune.sampler: 'random' is not one of instance, posneg",
+                 "cv.methods: 'imagenet' is not one of baseline, scratch, ssl, sap",
+                 "evaluate.connectivity: 8 is not one of 6, 18, 26", "model.feature_sise: unknown key"):  # fmt: skip
+        assert part in message

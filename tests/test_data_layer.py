@@ -240,7 +240,7 @@ def test_outputs_have_ordinary_permissions(tmp_path):
 def test_cohort_json_states_channels_unless_overridden(tmp_path):
     import argparse
 
-    from sap.config import config_from_args
+    from sap.cli import config_from_args
 
     write_case(tmp_path / "patients" / "p0", channels=("CT",))
     (tmp_path / "cohort.json").write_text(json.dumps({"channels": ["CT"], "modality": "ct"}))

@@ -10,7 +10,16 @@ import numpy as np
 import pytest
 
 from sap.errors import SapError
-from sap.files import atomic_write, atomic_write_text, nan_to_none, publish_folder, staging_folder, write_json
+from sap.files import (
+    _umask,
+    atomic_write,
+    atomic_write_text,
+    nan_to_none,
+    publish_files,
+    staged_folder,
+    staging_folder,
+    write_json,
+)
 
 
 def test_json_writes_nan_as_null_and_numpy_as_plain(tmp_path):
@@ -38,7 +47,16 @@ def test_failed_write_leaves_neither_temporary_nor_damaged_file(tmp_path):
 def test_folder_is_swapped_in_whole(tmp_path):
     folder = tmp_path / "bundle"
     for text in ("first", "second"):
-        staging = staging_folder(folder)
-        (staging / "f.txt").write_text(text)
-        publish_folder(staging, folder)
+        with staged_folder(folder) as staging:
+            (staging / "f.txt").write_text(text)
+        assert (folder / "f.txt").read_text() == text
+    with pytest.raises(RuntimeError), staged_folder(folder) as staging:
+        (staging / "f.txt").write_text("half")
+        raise RuntimeError("killed")
+    with staged_folder(folder, replace=False) as staging:  # another process published first: theirs stays
+        (staging / "f.txt").write_text("late")
     assert (folder / "f.txt").read_text() == "second" and sorted(os.listdir(tmp_path)) == ["bundle"]
+    assert oct(folder.stat().st_mode & 0o777) == oct(0o777 & ~_umask())
+    staging = staging_folder(folder / "case", parent=folder)
+    (staging / "a.txt").write_text("a")
+    assert publish_files(staging, ["a.txt"], folder) == [folder / "a.txt"] and (folder / "a.txt").is_file()

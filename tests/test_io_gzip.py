@@ -1,4 +1,4 @@
-"""The direct .nii.gz reader of ``sap.data.io`` gives exactly nibabel's array, or steps aside."""
+"""The direct .nii.gz reader (``sap.data.nifti``, used by ``sap.data.io``) gives exactly nibabel's array, or steps aside."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-import sap.data.io as sio
+import sap.data.nifti as sio
+from sap.data.io import read_image, read_source_array
 from sap.errors import SapError
 
 INFLATERS = ["default", "stdlib"]
@@ -44,7 +45,7 @@ def test_same_array_as_nibabel(tmp_path, inflater, dtype):
     rng = np.random.default_rng(0)
     array = (rng.random((17, 9, 5)) * 100).astype(dtype)
     path = _save(array, tmp_path / "a.nii.gz")
-    _same(sio._read_nifti_gz(path), _nibabel(path))
+    _same(sio.read_nifti_gz(path), _nibabel(path))
 
 
 def test_nan_singleton_4d_and_extensions(tmp_path, inflater):
@@ -52,11 +53,11 @@ def test_nan_singleton_4d_and_extensions(tmp_path, inflater):
     array = rng.random((8, 7, 6, 1)).astype(np.float32)
     array[1, 1, 1, 0] = np.nan  # NaN must survive (SimpleITK would make it 0)
     path = _save(array, tmp_path / "a.nii.gz")
-    _same(sio._read_nifti_gz(path), _nibabel(path))
+    _same(sio.read_nifti_gz(path), _nibabel(path))
     image = nib.Nifti1Image(rng.random((5, 6, 7)).astype(np.float32), np.eye(4))
     image.header.extensions.append(nib.nifti1.Nifti1Extension("comment", b"x" * 5000))
     nib.save(image, str(tmp_path / "ext.nii.gz"))
-    _same(sio._read_nifti_gz(tmp_path / "ext.nii.gz"), _nibabel(tmp_path / "ext.nii.gz"))
+    _same(sio.read_nifti_gz(tmp_path / "ext.nii.gz"), _nibabel(tmp_path / "ext.nii.gz"))
 
 
 def test_concatenated_gzip_members(tmp_path, inflater):
@@ -64,15 +65,15 @@ def test_concatenated_gzip_members(tmp_path, inflater):
     raw = gzip.decompress(source.read_bytes())
     path = tmp_path / "multi.nii.gz"
     path.write_bytes(gzip.compress(raw[:1000]) + gzip.compress(raw[1000:5000]) + gzip.compress(raw[5000:]))
-    _same(sio._read_nifti_gz(path), _nibabel(path))
+    _same(sio.read_nifti_gz(path), _nibabel(path))
 
 
 def test_scaled_data_is_left_to_nibabel(tmp_path, inflater):
     image = nib.Nifti1Image(np.arange(210, dtype=np.int16).reshape(5, 6, 7), np.eye(4))
     image.header.set_slope_inter(2.0, 1.0)
     nib.save(image, str(tmp_path / "s.nii.gz"))
-    assert sio._read_nifti_gz(tmp_path / "s.nii.gz") is None
-    data, _ = sio.read_source_array(tmp_path / "s.nii.gz")
+    assert sio.read_nifti_gz(tmp_path / "s.nii.gz") is None
+    data, _ = read_source_array(tmp_path / "s.nii.gz")
     np.testing.assert_array_equal(data, _nibabel(tmp_path / "s.nii.gz"))
 
 
@@ -86,13 +87,13 @@ def test_truncated_and_corrupt_files_are_reported(tmp_path, inflater):
     }
     for name, content in bad.items():
         (tmp_path / name).write_bytes(content)
-        assert sio._read_nifti_gz(tmp_path / name) is None
+        assert sio.read_nifti_gz(tmp_path / name) is None
         with pytest.raises(SapError, match="cannot read"):
-            sio.read_image(tmp_path / name)
+            read_image(tmp_path / name)
 
 
 def test_real_files_match_nibabel(shared_data, inflater):
     for path in sorted(shared_data.rglob("*.nii.gz"))[:12]:
-        fast = sio._read_nifti_gz(path)
+        fast = sio.read_nifti_gz(path)
         if fast is not None:  # scaled CT is left to nibabel
             _same(fast, _nibabel(path))

@@ -89,3 +89,28 @@ def test_counts_match_recorded_panoptica(case):
     assert row["n_gt"] - row["detected"] == expected["fn"]
     assert row["dice_detected"] == pytest.approx(expected["sq_dsc"], abs=1e-12)
     assert row["dice_global"] == pytest.approx(expected["global_dsc"], abs=1e-12)
+
+
+def test_cumulative_mean_matches_monai_mean_batch_reduction():
+    """CumulativeMean = MONAI's MEAN_BATCH reduction (NaN left out, per class) of the stacked cases."""
+    torch = pytest.importorskip("torch")
+    from monai.metrics.utils import do_metric_reduction
+    from monai.utils import MetricReduction
+
+    from sap.metrics import CumulativeMean
+
+    rng = np.random.default_rng(4)
+    per_case = rng.random((5, 3))
+    per_case[rng.random((5, 3)) < 0.3] = np.nan
+    per_case[:, 2] = np.nan  # a class no case defines
+    acc = CumulativeMean()
+    for row in per_case:
+        acc.append(class_dice=row, skeleton=float(np.nanmax(np.r_[row, 0.0])))
+    # MONAI zeroes the NaN of its input in place: the accumulator must hold copies
+    theirs, _ = do_metric_reduction(torch.from_numpy(per_case), MetricReduction.MEAN_BATCH)
+    ours = acc.aggregate()
+    np.testing.assert_allclose(ours["class_dice"][:2], theirs.numpy()[:2], rtol=1e-6)  # theirs: float32
+    assert np.isnan(ours["class_dice"][2]) and len(acc) == 5  # MONAI gives 0 where nothing is defined
+    assert isinstance(ours["skeleton"], float)
+    acc.reset()
+    assert len(acc) == 0 and acc.aggregate() == {}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from sap.config import add_config_arguments
+from sap.cli import add_config_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sap.config import config_from_args
+    from sap.cli import config_from_args
     from sap.cv.study import run_study
 
     cfg = config_from_args(args)

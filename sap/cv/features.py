@@ -11,12 +11,14 @@ on lesion centroids and on as many random negative patches (no lesion voxel insi
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from sap.cv.rundir import mark_done, read_marker
+from sap.files import atomic_write
 
 #: at most this many lesion patches and as many negatives per model (SPEC §10 demo budget)
 MAX_PATCHES = 24
@@ -114,9 +116,8 @@ def compute_features(study: Any, max_patches: int = MAX_PATCHES) -> dict[str, Pa
         model = build_swin_unetr(cfg.model, in_channels=len(cfg.data.channels), out_channels=2)
         load_weights(model, checkpoint, expect=part, verbose=False)
         feats = encoder_patch_features(model, cached, patches, patch)
-        tmp = folder / f".{method}.tmp.npz"
-        np.savez(tmp, features=feats, label=labels, case=cases, checkpoint=str(checkpoint))
-        tmp.replace(paths[method])
+        arrays = {"features": feats, "label": labels, "case": cases, "checkpoint": str(checkpoint)}
+        atomic_write(paths[method], partial(np.savez, **arrays), suffix=".tmp.npz")
     mark_done(folder, "features", config_hash, time.perf_counter() - t0, n_lesion=int(labels.sum()),
               n_negative=int((labels == 0).sum()))
     return paths

@@ -17,6 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from sap.files import atomic_write  # noqa: E402
 from sap.metrics import FrocCurve, sensitivity_at  # noqa: E402
 
 COLORS = {"baseline": "#7f7f7f", "ssl": "#1f77b4", "sap": "#d62728", "reference": "#8c564b"}
@@ -25,12 +26,10 @@ DPI = 100
 
 
 def _save(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=DPI, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=DPI, bbox_inches="tight"), suffix=".tmp.png")
+    finally:
+        plt.close(fig)
 
 
 def _fmt_ci(ci: Sequence[float | None] | None) -> str:

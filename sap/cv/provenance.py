@@ -12,13 +12,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from sap.config import Config
-
-COHORT_FILE = "cohort.json"
+from sap.data.cases import read_cohort_json
 
 #: settings compared with the paper preset for the scale line: (dotted key, what it is)
 DEVIATION_KEYS: tuple[tuple[str, str], ...] = (
@@ -42,18 +40,7 @@ DEVIATION_KEYS: tuple[tuple[str, str], ...] = (
 def cohort_info(data_root: str | Path | None) -> dict[str, Any] | None:
     """``ROOT/cohort.json`` without its per-case records, or None when the cohort has none (or it
     cannot be read: the report still builds)."""
-    if not data_root:
-        return None
-    path = Path(data_root) / COHORT_FILE
-    if not path.is_file():
-        return None
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if not isinstance(meta, dict):
-        return None
-    return {k: v for k, v in meta.items() if k != "cases"}
+    return read_cohort_json(data_root, strict=False)
 
 
 def is_synthetic(cohort: dict[str, Any] | None) -> bool:

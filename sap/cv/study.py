@@ -95,9 +95,8 @@ class Study:
 
     # -------------------------------------------------------------- pretraining
     def pretrained_checkpoint(self, stage: str) -> Path:
-        folder = self.run.pretrain(stage)
-        best = folder / "best.pt"
-        return best if best.is_file() else folder / "last.pt"
+        best = self.run.pretrained(stage)
+        return best if best.is_file() else self.run.pretrain(stage) / "last.pt"
 
     def pretrain(self, stage: str) -> Path:
         folder = self.run.pretrain(stage)

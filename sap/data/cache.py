@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +22,7 @@ from sap.config import DataConfig
 from sap.data.cases import Case
 from sap.data.io import Geometry
 from sap.data.preprocess import preprocess_case
+from sap.files import staged_folder
 
 CACHE_FORMAT = 1
 _SETTINGS = ("channels", "modality", "normalization", "percentiles", "ct_window", "target_spacing",
@@ -67,12 +65,6 @@ def _hash_file(path: Path, digest: hashlib._Hash) -> None:
         with file.open("rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
-
-
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
 
 
 def cache_key(case: Case, cfg: DataConfig) -> str:
@@ -143,10 +135,8 @@ def load_cached(case: Case, cfg: DataConfig) -> CachedCase:
     if (folder / "meta.json").is_file():
         return _open_entry(folder)
     pre = preprocess_case(case, cfg)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=root))
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the cache is an ordinary folder
-    try:
+    # another process caching the same case first wins: its entry is used
+    with staged_folder(folder, replace=False) as tmp:
         np.save(tmp / "image.npy", np.ascontiguousarray(pre.image, dtype=np.float32))
         np.save(tmp / "body.npy", np.ascontiguousarray(pre.body, dtype=np.uint8))
         if pre.lesions is not None:
@@ -163,15 +153,6 @@ def load_cached(case: Case, cfg: DataConfig) -> CachedCase:
             "format": CACHE_FORMAT,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        try:
-            os.rename(tmp, folder)
-        except OSError:
-            # Another process cached the same case first: use theirs.
-            if not (folder / "meta.json").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return _open_entry(folder)
 
 

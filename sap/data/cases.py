@@ -21,13 +21,38 @@ import csv
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from sap.config import DataConfig
 from sap.data.io import IMAGE_SUFFIXES, strip_image_suffix
 from sap.errors import SapError
 
+COHORT_FILE = "cohort.json"  #: what ``sap synth`` writes into every cohort it makes
 LESION_NAMES = ("GT",)
 SKELETON_NAMES = ("skeleton",)
+
+
+def read_cohort_json(root: str | Path | None, strict: bool = True) -> dict[str, Any] | None:
+    """``ROOT/cohort.json`` without its per-case records; None when the cohort has none.
+
+    An unreadable file is a :class:`SapError`, or None when not ``strict`` (a report still builds).
+    """
+    if not root:
+        return None
+    path = Path(root) / COHORT_FILE
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        if not strict:
+            return None
+        raise SapError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(meta, dict):
+        if not strict:
+            return None
+        raise SapError(f"{path}: not a JSON object")
+    return {k: v for k, v in meta.items() if k != "cases"}
 
 
 @dataclass
@@ -95,7 +120,7 @@ def detect_layout(folder: Path) -> str:
         return "nnunet"
     if folder.is_file() and folder.suffix == ".json":
         return "datalist"
-    if any(p.suffix == ".json" and p.name != "cohort.json" and _is_datalist(p) for p in folder.glob("*.json")):
+    if any(p.suffix == ".json" and p.name != COHORT_FILE and _is_datalist(p) for p in folder.glob("*.json")):
         return "datalist"
     return "case_folders"
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sap.config import EvaluateConfig, TuningConfig, add_config_arguments
+from sap.cli import add_config_arguments
+from sap.config import EvaluateConfig, TuningConfig
 
 _EVAL = EvaluateConfig()
 _TUNE = TuningConfig()
@@ -54,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace):
-    from sap.config import config_from_args
+    from sap.cli import config_from_args
     from sap.metrics import EvaluationSettings
 
     cfg = config_from_args(args)

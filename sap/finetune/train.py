@@ -29,7 +29,6 @@ batch, and the sampler's position is stored, so a resumed run repeats an uninter
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -191,10 +190,10 @@ def validate_lesions(
     ``threshold``, mean over cases where it is defined), ``val_fp`` (mean false-positive
     components per case) and ``val_cases``.
     """
-    from sap.metrics import detection_counts, dice
+    from sap.metrics import CumulativeMean, detection_counts, dice
     from sap.models.engine import sliding_window_predict
 
-    f2s, sens, dices, fps = [], [], [], []
+    scores = CumulativeMean()
     for case in cases:
         prob = sliding_window_predict(
             model,
@@ -210,22 +209,10 @@ def validate_lesions(
         counts = detection_counts(
             prob, gt, case.spacing, threshold=threshold, connectivity=cfg.evaluate.connectivity
         )
-        f2s.append(counts.f2)
-        sens.append(counts.sensitivity)
-        fps.append(counts.fp)
-        dices.append(dice(gt > 0, prob >= threshold))
-
-    def mean(values: list[float]) -> float:
-        finite = [v for v in values if math.isfinite(v)]
-        return float(np.mean(finite)) if finite else float("nan")
-
-    return {
-        "val_f2": mean(f2s),
-        "val_sensitivity": mean(sens),
-        "val_dice": mean(dices),
-        "val_fp": mean(fps),
-        "val_cases": float(len(cases)),
-    }
+        scores.append(
+            val_f2=counts.f2, val_sensitivity=counts.sensitivity, val_dice=dice(gt > 0, prob >= threshold), val_fp=counts.fp
+        )
+    return {**{k: float(v) for k, v in scores.aggregate().items()}, "val_cases": float(len(scores))}
 
 
 class LesionLoss(torch.nn.Module):

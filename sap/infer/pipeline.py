@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +36,7 @@ from sap.data.io import Geometry, read_image, write_image
 from sap.data.labels import check_skeleton
 from sap.data.preprocess import body_mask, load_case, normalise, resample_to_spacing
 from sap.errors import SapError
-from sap.files import atomic_write_text
+from sap.files import atomic_write_text, publish_files, staging_folder
 from sap.infer.inputs import InputCase, attach_skeletons, discover_inputs
 from sap.infer.lesions import (
     LESION_COLUMNS,
@@ -359,16 +357,12 @@ def _stage_and_publish(out: Path, case_id: str, writers: dict[str, Any], overwri
     A failure before the renames leaves nothing behind; existing files are only replaced with
     ``overwrite`` (checked again here, right before publishing).
     """
-    staging = Path(tempfile.mkdtemp(prefix=f".{case_id}.", suffix=".sap-infer.tmp", dir=out))
+    staging = staging_folder(out / case_id, parent=out)
     try:
         for name, write in writers.items():
             write(staging / name)
         _refuse_existing(out, list(writers), overwrite)
-        published = []
-        for name in writers:
-            os.replace(staging / name, out / name)
-            published.append(out / name)
-        return published
+        return publish_files(staging, writers, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -31,6 +31,7 @@ from sap.metrics.components import (
     match_components,
     voxel_volume_ml,
 )
+from sap.metrics.cumulative import CumulativeMean
 from sap.metrics.froc import (
     CaseCandidates,
     FrocCurve,
@@ -64,7 +65,7 @@ from sap.metrics.tuning import tune_threshold, tuning_objective
 
 __all__ = [
     "CASE_METRICS", "DEFAULT_GRID", "LESION_COLUMNS", "LESION_METRICS", "PATIENT_COLUMNS",
-    "CaseCandidates", "CaseResult", "Components", "DetectionCounts", "EvaluationSettings", "FrocCurve",
+    "CaseCandidates", "CaseResult", "Components", "CumulativeMean", "DetectionCounts", "EvaluationSettings", "FrocCurve",
     "Matching", "at_least", "bonferroni", "bootstrap_median_ci", "compare_methods", "cumulative_volume_curves", "describe",
     "detection_counts", "detection_counts_grid", "dice", "drop_small", "evaluate_case", "f2_score",
     "froc_auc", "froc_auc_bootstrap_ci", "froc_candidates", "froc_score", "froc_sweep", "icc_a1",

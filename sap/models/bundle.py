@@ -24,9 +24,6 @@ what the cohort recorded of its making); ``sap infer`` warns when it loads one.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +31,7 @@ from typing import Any
 
 from sap import RESEARCH_USE_ONLY
 from sap.errors import SapError
+from sap.files import staged_folder
 from sap.models.weights import check_format, load_checkpoint, save_checkpoint
 
 BUNDLE_FORMAT = "sap-bundle"
@@ -149,24 +147,10 @@ def write_bundle(
         "note": RESEARCH_USE_ONLY,
         **extra,
     }
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
+    with staged_folder(out_dir) as staging:
         for name, ckpt in zip(names, loaded, strict=True):
             save_checkpoint(ckpt, staging / name)
         (staging / BUNDLE_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out_dir.exists():
-            backup = out_dir.with_name(f".{out_dir.name}.old")
-            if backup.exists():
-                shutil.rmtree(backup)
-            os.replace(out_dir, backup)
-            os.replace(staging, out_dir)
-            shutil.rmtree(backup)
-        else:
-            os.replace(staging, out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return out_dir
 
 

@@ -1,8 +1,12 @@
-"""Reusable training pieces for every stage: schedule, resumable state, logs and the loop.
+"""One way to run training: the stage runner and the pieces it is made of.
 
-Not a trainer class (STYLE.md): :func:`train_loop` takes a model, a batch source, a step
-function, an optimiser, a scheduler and callbacks; stages compose these. Everything counts in
-optimiser steps (SPEC §6, §7).
+Not a trainer class (STYLE.md): a stage supplies its model, batches, step and validation
+(:class:`StageParts`, built by its ``setup``) and a few plain values (:class:`StageSpec`);
+:func:`run_stage` does everything else the same way for every stage: accelerator, output-folder
+policy, resume and its refusals, best/last checkpoints, logs, ``summary.json`` and the progress
+bar. Everything counts in optimiser steps (SPEC §6, §7).
+
+* :func:`run_stage`: the runner (see its docstring); :func:`train_loop` is its loop.
 
 * :func:`warmup_cosine_schedule`: linear warm-up, then cosine to zero at ``max_steps``.
 * :func:`make_accelerator`: ``accelerate`` on CPU or GPU, fp16 AMP only on CUDA, so
@@ -11,6 +15,7 @@ optimiser steps (SPEC §6, §7).
   best metric and every RNG (torch, CUDA, Python, the sampler's numpy generator), stored inside
   ``last.pt`` so ``--resume`` continues to the same weights as an uninterrupted run.
 * :class:`RunLogger`: ``log.csv`` (one row per logged step, fixed columns) and TensorBoard.
+* :func:`prepare_out_dir`: ``--overwrite`` / ``--resume`` rules of a stage folder.
 """
 
 from __future__ import annotations

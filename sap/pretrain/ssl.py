@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from sap.config import Config
+from sap.metrics import CumulativeMean
 from sap.models.ssl import SSLModel, make_ssl_batch, ssl_losses
 from sap.models.swin import build_swin_unetr
 from sap.models.training import StageContext, StageParts, StageResult, StageSpec, run_stage
@@ -79,15 +80,14 @@ def validate_ssl(model: SSLModel, batches: list[torch.Tensor], cfg: Config, devi
     was_training = model.training
     model.eval()
     rng = np.random.default_rng(VAL_SEED)
-    sums = dict.fromkeys(LOSS_NAMES, 0.0)
+    means = CumulativeMean()
     ssl = cfg.pretrain.ssl
     for crops in batches:
         batch = make_ssl_batch(crops.to(device), rng, ssl.mask_ratio, ssl.mask_block_fraction)
         losses = ssl_losses(model, batch, ssl.temperature).as_floats()
-        for key in LOSS_NAMES:
-            sums[key] += losses[key]
+        means.append(**{f"val_{k}": losses[k] for k in LOSS_NAMES})
     model.train(was_training)
-    return {f"val_{k}": v / max(1, len(batches)) for k, v in sums.items()}
+    return {k: float(v) for k, v in means.aggregate().items()}
 
 
 def train_ssl(

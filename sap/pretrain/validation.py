@@ -1,9 +1,9 @@
 """Skeletal validation scores and the intensity-threshold baseline (SPEC §6).
 
 Pure numpy on label maps: per-class Dice for the nine skeleton regions and the whole-skeleton
-binary Dice (any region vs background; the paper reports 0.90), plus a trivial baseline that
-segments the skeleton by thresholding one image channel, so a short pretraining run can be
-judged against something that knows no anatomy.
+binary Dice (any region vs background, :func:`sap.metrics.dice`; the paper reports 0.90), plus a
+trivial baseline that segments the skeleton by thresholding one image channel, so a short
+pretraining run can be judged against something that knows no anatomy.
 """
 
 from __future__ import annotations
@@ -14,18 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from sap.data.labels import SKELETON_CLASSES
+from sap.metrics import CumulativeMean, dice
 
 N_CLASSES = 10  #: background + nine regions
-
-
-def dice(pred: np.ndarray, gt: np.ndarray) -> float:
-    """Binary Dice 2|P∩G|/(|P|+|G|); NaN when both masks are empty."""
-    pred = np.asarray(pred, bool)
-    gt = np.asarray(gt, bool)
-    total = int(np.count_nonzero(pred)) + int(np.count_nonzero(gt))
-    if total == 0:
-        return float("nan")
-    return 2.0 * int(np.count_nonzero(pred & gt)) / total
 
 
 def per_class_dice(pred: np.ndarray, gt: np.ndarray, n_classes: int = N_CLASSES) -> np.ndarray:
@@ -64,27 +55,15 @@ class SkeletalScores:
 
 
 def score_cases(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray]) -> SkeletalScores:
-    """Aggregate per-case scores of predicted vs true skeleton label maps."""
-    per_case = np.array([per_class_dice(p, g) for p, g in zip(preds, gts, strict=True)])
-    skeleton = [dice(p > 0, g > 0) for p, g in zip(preds, gts, strict=True)]
-    with np.errstate(invalid="ignore"), _quiet():
-        class_dice = np.nanmean(per_case, axis=0) if len(per_case) else np.full(N_CLASSES - 1, np.nan)
-    finite = [s for s in skeleton if np.isfinite(s)]
-    return SkeletalScores(class_dice, float(np.mean(finite)) if finite else float("nan"), len(preds))
-
-
-class _quiet:
-    """Silence numpy's 'mean of empty slice' for classes absent from every case."""
-
-    def __enter__(self):
-        import warnings
-
-        self._ctx = warnings.catch_warnings()
-        self._ctx.__enter__()
-        warnings.simplefilter("ignore", RuntimeWarning)
-
-    def __exit__(self, *exc):
-        return self._ctx.__exit__(*exc)
+    """Per-class and whole-skeleton Dice of predicted vs true skeleton label maps, each averaged
+    over the cases where it is defined (:class:`sap.metrics.CumulativeMean`)."""
+    scores = CumulativeMean()
+    for pred, gt in zip(preds, gts, strict=True):
+        scores.append(class_dice=per_class_dice(pred, gt), skeleton=dice(pred > 0, gt > 0))
+    if not len(scores):
+        return SkeletalScores(np.full(N_CLASSES - 1, np.nan), float("nan"), 0)
+    means = scores.aggregate()
+    return SkeletalScores(np.asarray(means["class_dice"]), float(means["skeleton"]), len(scores))
 
 
 # ------------------------------------------------------------------------------------ baseline

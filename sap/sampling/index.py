@@ -15,12 +15,14 @@ The index can be saved next to the memory-mapped cache (:meth:`CaseIndex.save`) 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import cc3d
 import numpy as np
 
 from sap.errors import SapError
+from sap.files import atomic_write
 
 #: bumped whenever the stored index layout changes
 INDEX_VERSION = 1
@@ -116,11 +118,8 @@ class CaseIndex:
     # ------------------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> Path:
         """Write the index as one ``.npz`` (written to a temporary name, then renamed)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp.npz")
-        np.savez(
-            tmp,
+        return atomic_write(path, partial(
+            np.savez,
             version=np.int64(INDEX_VERSION),
             case_id=np.array(self.case_id),
             shape=np.array(self.shape, np.int64),
@@ -133,9 +132,7 @@ class CaseIndex:
             classes=self.classes,
             class_voxel_counts=self.class_voxel_counts,
             class_bboxes=self.class_bboxes,
-        )
-        tmp.replace(path)
-        return path
+        ), suffix=".tmp.npz")  # fmt: skip
 
     @classmethod
     def load(cls, path: str | Path) -> CaseIndex:

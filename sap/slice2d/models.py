@@ -2,7 +2,7 @@
 
 * ``unet``: an nnU-Net-style 2D U-Net (MONAI ``DynUNet``: 3×3 convolutions, stride-2
   down-sampling until the bottleneck is at least 4 px, features doubling from ``base`` to at most
-  ``max``, instance norm, leaky ReLU), two output channels, Dice + CE (softmax).
+  ``max``, instance norm, leaky ReLU), two output channels, batch Dice + CE (softmax; :func:`make_loss`).
 * ``foundation``: a ViT encoder from ``transformers`` (DINOv3 ``DINOv3ViTModel`` or DINOv2
   ``Dinov2Model``) with a light head of three Conv-BN-ReLU blocks and a 1×1 output convolution on
   the patch-token grid, up-sampled to the input size; encoder frozen or fine-tuned; Dice + BCE.
@@ -19,6 +19,7 @@ random configs of the same classes.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -264,12 +265,75 @@ def foreground_probability(kind: str, logits: torch.Tensor) -> torch.Tensor:
 
 
 def make_loss(kind: str) -> nn.Module:
-    """Dice + CE (softmax, two channels) for the U-Net; Dice + BCE (sigmoid) for the others."""
+    """Dice + CE (softmax, two channels) for the U-Net; Dice + BCE (sigmoid) for the others.
+
+    The soft Dice is nnU-Net's: the foreground channel only, summed over the whole batch ("batch
+    Dice"), so a slice without foreground adds no Dice term of its own. MONAI's default (a Dice per
+    slice and channel, background included, smoothing 1e-5) scores an empty slice 1 - 1e-5/(1e-5 +
+    predicted area): a loss that only reaches 0 when the predicted foreground of the whole slice is
+    below 1e-5 pixel. Half of a balanced batch is such slices, so the U-Net learned to predict
+    probability ~1e-12 everywhere, where the softmax saturates and the lesion slices' Dice gradient
+    vanishes (demo CT cohort: validation Dice 0.000 after 300 steps, training loss 0.000 on every
+    all-negative batch). The Dice and CE terms of the last call are kept in ``last_terms``.
+    """
+    if kind == "unet":
+        return DiceCE(to_onehot_y=True, softmax=True, include_background=False, batch=True)
+    return DiceCE(sigmoid=True, batch=True)
+
+
+def _dice_ce_class() -> type:
     from monai.losses import DiceCELoss
 
+    class _DiceCE(DiceCELoss):
+        """MONAI's ``DiceCELoss`` that also records its two terms (``last_terms``: dice, ce)."""
+
+        last_terms: tuple[float, float] = (math.nan, math.nan)
+
+        def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            dice = self.dice(input, target)
+            ce = self.ce(input, target) if input.shape[1] != 1 else self.bce(input, target)
+            self.last_terms = (float(dice.detach()), float(ce.detach()))
+            return self.lambda_dice * dice + self.lambda_ce * ce
+
+    return _DiceCE
+
+
+def DiceCE(**kwargs: Any) -> nn.Module:  # noqa: N802 - a class factory (MONAI is imported lazily)
+    """A MONAI ``DiceCELoss(**kwargs)`` recording its Dice and CE terms (see :func:`make_loss`)."""
+    return _dice_ce_class()(**kwargs)
+
+
+def output_layer(model: nn.Module, kind: str) -> nn.Conv2d | None:
+    """The convolution that produces the logits (None for SAM, whose masks have no output bias)."""
     if kind == "unet":
-        return DiceCELoss(to_onehot_y=True, softmax=True)
-    return DiceCELoss(sigmoid=True)
+        return model.output_block.conv.conv
+    if kind == "foundation":
+        return model.head[-1]
+    return None
+
+
+def init_output_prior(model: nn.Module, kind: str, foreground_fraction: float, floor: float = 1e-4) -> torch.Tensor | None:
+    """Start the output bias at the foreground prior (as :func:`sap.models.swin.init_output_prior`).
+
+    U-Net (softmax): bias = (log(1 - f), log f); foundation (sigmoid): bias = logit f, with f the
+    foreground pixel fraction of the training slices (at least ``floor``). The untrained network
+    then predicts the label prior instead of 50 % foreground everywhere; from 50 % the first,
+    large SGD steps (momentum 0.99) overshoot far past the prior into the saturated softmax.
+    SAM's mask decoder has no output bias: returns None and changes nothing.
+    """
+    conv = output_layer(model, kind)
+    if conv is None or conv.bias is None:
+        return None
+    f = min(max(float(foreground_fraction), floor), 1.0 - floor)
+    if conv.out_channels == 2:
+        bias = torch.tensor([math.log1p(-f), math.log(f)])
+    elif conv.out_channels == 1:
+        bias = torch.tensor([math.log(f) - math.log1p(-f)])
+    else:
+        raise SapError(f"output prior: {conv.out_channels} output channels (1 or 2 expected)")
+    with torch.no_grad():
+        conv.bias.copy_(bias.to(conv.bias.dtype))
+    return bias
 
 
 def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

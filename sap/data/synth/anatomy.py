@@ -20,20 +20,17 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage
 
 from sap.data.io import Geometry, read_geometry, read_image
 from sap.data.labels import convert_totalseg, default_class_map
+from sap.data.synth.exam import AnatomySource, Exam, ExamJob, exam_generators, lesion_kinds
 from sap.data.synth.lesions import Placer, place_lesions, place_mimics
 from sap.data.synth.phantom import RIB
 from sap.data.synth.shapes import smooth_noise
 from sap.errors import SapError
-
-if TYPE_CHECKING:
-    from sap.data.synth.cohort import Exam, ExamJob
 
 IMAGE_STEMS = ("ct", "mr", "image")
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
@@ -50,17 +47,6 @@ B1000_ORGANS: tuple[tuple[str, float], ...] = (
     (r"spinal_cord", 60.0),
     (r"lung.*", 5.0),
 )
-
-
-@dataclass(frozen=True)
-class AnatomySource:
-    """One real scan with TotalSegmentator labels."""
-
-    name: str
-    image: str
-    labels: str
-    table: str  #: "total" or "total_mr"
-    modality: str  #: "ct" or "mr"
 
 
 def _source_in(folder: Path) -> AnatomySource | None:
@@ -153,7 +139,6 @@ def _organ_lookup(names: dict[int, str], table: tuple[tuple[str, float], ...]) -
 
 def synthesize_real_exam(job: ExamJob) -> Exam:
     """One exam on real anatomy (see the module docstring); deterministic in ``job``."""
-    from sap.data.synth.cohort import Exam, exam_generators, lesion_kinds
     from sap.data.synth.intensity import MIMIC_HU, MIMIC_MR, rician, to_int16
     from sap.data.synth.lesions import MIMIC_KINDS
 

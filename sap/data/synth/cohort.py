@@ -19,18 +19,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sap import __version__
 from sap.data.io import Geometry, make_geometry, write_image
+from sap.data.synth.exam import (
+    CHANNELS,
+    CT_PHENOTYPES,
+    GROUP_CODES,
+    AnatomySource,
+    Exam,
+    ExamJob,
+    exam_generators,
+    lesion_kinds,
+)
 from sap.data.synth.intensity import render_ct, render_mr
 from sap.data.synth.lesions import (
     Finding,
@@ -46,62 +53,7 @@ from sap.data.synth.phantom import ExamPose, Phantom, SubjectParams, T, build_ph
 from sap.data.synth.presets import Preset, get_preset
 from sap.data.synth.shapes import Canvas
 from sap.errors import SapError
-from sap.files import atomic_write_text
-
-if TYPE_CHECKING:
-    from sap.data.synth.anatomy import AnatomySource
-
-GROUP_CODES = {"healthy": 1, "patients": 2}
-CHANNELS = {"mr": ("T1", "b1000"), "ct": ("CT",)}
-#: CT lesion phenotype per patient (prostate cancer metastases are often blastic)
-CT_PHENOTYPES = (("lytic", 0.45), ("blastic", 0.35), ("mixed", 0.20))
-
-
-@dataclass(frozen=True)
-class ExamJob:
-    """Everything one worker needs to build and write one exam (picklable)."""
-
-    group: str  #: "healthy" | "patients"
-    case_id: str
-    subject_id: str
-    subject_index: int
-    exam_index: int
-    preset: Preset
-    modality: str
-    seed: int
-    lesion_volumes_ml: tuple[float, ...] = ()
-    phenotype: str = "metastasis"  #: MR: "metastasis"; CT: "lytic" | "blastic" | "mixed"
-    mimics: tuple[tuple[str, int], ...] = ()
-    source: AnatomySource | None = None  #: the real scan in ``--anatomy`` mode
-
-
-@dataclass
-class Exam:
-    """One synthesised exam in memory: canonical arrays, their geometry and what was placed."""
-
-    job: ExamJob
-    geometry: Geometry
-    images: dict[str, np.ndarray]
-    skeleton: np.ndarray
-    lesions: np.ndarray | None  #: instance ids (patients), None for healthy exams
-    lesion_findings: list[Finding] = field(default_factory=list)
-    mimic_findings: list[Finding] = field(default_factory=list)
-
-
-def exam_generators(job: ExamJob) -> tuple[np.random.Generator, np.random.Generator, np.random.Generator, np.random.Generator]:
-    """(subject, pose, placement, rendering) generators of one exam; the subject one is shared by its exams."""
-    code = GROUP_CODES[job.group]
-    subject = np.random.default_rng([job.seed, code, job.subject_index])
-    pose, placement, rendering = (np.random.default_rng(s) for s in np.random.SeedSequence([job.seed, code, job.subject_index, job.exam_index]).spawn(3))
-    return subject, pose, placement, rendering
-
-
-def lesion_kinds(job: ExamJob, rng: np.random.Generator) -> list[str]:
-    """Appearance class of each planned lesion: the patient's phenotype, or per lesion when mixed."""
-    n = len(job.lesion_volumes_ml)
-    if job.phenotype != "mixed":
-        return [job.phenotype] * n
-    return [str(k) for k in rng.choice(["lytic", "blastic"], size=n)]
+from sap.files import atomic_write_text, staged_folder
 
 
 def phantom_geometry(canvas: Canvas, spacing: tuple[float, float, float]) -> Geometry:
@@ -271,17 +223,6 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
             raise SapError(f"{out}: not a sap cohort (no cohort.json); refusing to replace it, choose another --out")
 
 
-def _replace_folder(tmp: Path, out: Path) -> None:
-    """Move the finished cohort into place; an old cohort is removed only after the new one is there."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / out.name)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old)
-
-
 def make_cohort(
     out: str | Path,
     preset: str = "demo",
@@ -332,10 +273,8 @@ def make_cohort(
     if workers < 1:
         raise SapError(f"--workers {workers}: must be at least 1")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the cohort is an ordinary folder
-    try:
+    # the finished cohort replaces an old one only once it is complete
+    with staged_folder(out) as tmp:
         from tqdm.auto import tqdm
 
         records = list(tqdm(_run_jobs(jobs, tmp, workers), total=len(jobs), desc="sap synth", unit="exam", disable=not progress))
@@ -363,8 +302,4 @@ def make_cohort(
         }
         atomic_write_text(tmp / "cohort.json", json.dumps(cohort, indent=1, sort_keys=True) + "\n")
         _prepare_output(out, overwrite)  # re-check: someone may have written there meanwhile
-        _replace_folder(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out
