@@ -10,7 +10,7 @@ from pathlib import Path
 import cc3d
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
 
@@ -341,6 +341,7 @@ def test_inconsistent_presets_are_refused():
 
 
 @settings(deadline=None, max_examples=30)
+@example(n_voxels=4, seed=273, block=(4, 3, 3))  # the threshold jumps 2 -> 7 voxels here
 @given(
     n_voxels=st.integers(1, 120),
     seed=st.integers(0, 2**16),
@@ -362,4 +363,4 @@ def test_grow_blob_is_one_component_of_the_asked_size_inside_the_bone(n_voxels, 
     reachable = cc3d.connected_components(allowed, connectivity=26)
     room = int((reachable == reachable[seed_voxel]).sum())
     # exact when the bone has room; otherwise as large as the bone allows
-    assert int(blob.sum()) == min(n_voxels, room) or (room > n_voxels and abs(int(blob.sum()) - n_voxels) <= 0.1 * n_voxels + 1)
+    assert int(blob.sum()) == min(n_voxels, room)

@@ -13,6 +13,7 @@ haemangiomas (bright on T1), sclerotic bone islands (dark on T1, dense on CT) an
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 import cc3d
@@ -125,12 +126,13 @@ def grow_blob(
     rng: np.random.Generator,
     elongation: float = 1.0,
 ) -> np.ndarray:
-    """An irregular connected blob of about ``n_voxels`` voxels inside ``allowed``, containing ``seed``.
+    """An irregular connected blob of ``n_voxels`` voxels inside ``allowed``, containing ``seed``.
 
     The blob is a sublevel set of a randomly oriented, anisotropic distance perturbed by smooth
     noise, restricted to ``allowed`` and to the 26-connected component of the seed; the threshold is
-    found by bisection, so the size is the closest reachable to ``n_voxels`` (smaller when the bone
-    holds fewer voxels). All arrays are the crop's; returns a boolean mask of the crop.
+    found by bisection, and where the next threshold overshoots the blob is finished one
+    lowest-scoring neighbour at a time. The size is exactly ``n_voxels``, or the whole reachable
+    bone when that holds fewer. All arrays are the crop's; returns a boolean mask of the crop.
     """
     radii = rng.uniform(0.65, 1.5, size=3)
     radii[0] *= elongation
@@ -160,9 +162,41 @@ def grow_blob(
             below, lo = blob, mid + 1
         else:
             above, hi = blob, mid - 1
-    if above is None:
-        return below
-    return above if int(above.sum()) - n_voxels <= n_voxels - int(below.sum()) else below
+    if above is not None and int(above.sum()) == n_voxels:
+        return above
+    # One more candidate can join a cluster of several already-selected voxels, so the threshold
+    # sizes jump (2 -> 7 voxels); finish from below by adding the lowest-scoring neighbour one
+    # voxel at a time, which reaches the asked size exactly whenever the bone has room.
+    return _grow_to_size(below, allowed, score, n_voxels)
+
+
+def _grow_to_size(blob: np.ndarray, allowed: np.ndarray, score: np.ndarray, n_voxels: int) -> np.ndarray:
+    """``blob`` grown inside ``allowed`` to ``n_voxels`` voxels, lowest score first (26-connected)."""
+    blob = blob.copy()
+    size = int(blob.sum())
+    if size >= n_voxels:
+        return blob
+    offsets = [
+        (i, j, k) for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1) if (i, j, k) != (0, 0, 0)
+    ]
+    frontier_mask = ndimage.binary_dilation(blob, structure=np.ones((3, 3, 3), dtype=bool)) & allowed & ~blob
+    frontier = [(float(score[v]), v) for v in zip(*np.nonzero(frontier_mask), strict=True)]
+    heapq.heapify(frontier)
+    queued = frontier_mask | blob
+    while size < n_voxels and frontier:
+        _, voxel = heapq.heappop(frontier)
+        blob[voxel] = True
+        size += 1
+        for offset in offsets:
+            neighbour = tuple(int(a + b) for a, b in zip(voxel, offset, strict=True))
+            if (
+                all(0 <= n < extent for n, extent in zip(neighbour, blob.shape, strict=True))
+                and allowed[neighbour]
+                and not queued[neighbour]
+            ):
+                queued[neighbour] = True
+                heapq.heappush(frontier, (float(score[neighbour]), neighbour))
+    return blob
 
 
 class Placer:
