@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plot", default=None)
     args = parser.parse_args(argv)
 
-    from sap.config import config_from_args
+    from sap.cli import config_from_args
 
     overrides = [*args.set, f"finetune.max_steps={args.steps}", f"finetune.val_every_steps={args.val_every}"]
     cfg = config_from_args(argparse.Namespace(config=args.config, overrides=overrides, data=args.cohort,

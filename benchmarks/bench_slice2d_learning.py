@@ -107,7 +107,7 @@ def run_sap(cfg, train, val, seed: int, steps: int, every: int) -> list[dict]:
     curve: list[dict] = []
     clock = Clock()
     step = {"n": 0}
-    real_step, real_validate = T.training_step, T.validate
+    real_step, real_validate = T.batch_loss, T.validate
 
     def counting_step(*a, **k):
         step["n"] += 1
@@ -122,13 +122,13 @@ def run_sap(cfg, train, val, seed: int, steps: int, every: int) -> list[dict]:
         clock.excluded += time.process_time() - t0
         return {"dice": point["dice"], "iou": math.nan, "dice_pooled": point["dice_pooled"]}
 
-    T.validate, T.training_step = recording_validate, counting_step
+    T.validate, T.batch_loss = recording_validate, counting_step
     try:
         with tempfile.TemporaryDirectory() as tmp:
             clock.start = time.process_time()
-            T.fit(model, spec, train, val, settings, Path(tmp), "lesions", "cpu", progress=False)
+            T.fit(model, spec, train, val, settings, Path(tmp), "lesions", progress=False)
     finally:
-        T.validate, T.training_step = real_validate, real_step
+        T.validate, T.batch_loss = real_validate, real_step
     return curve
 
 

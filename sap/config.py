@@ -435,12 +435,3 @@ def save_config(cfg: Config, path: str | Path) -> Path:
 
     return atomic_write_text(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
-
-def __getattr__(name: str) -> Any:
-    """The command-line helpers moved to :mod:`sap.cli`; this keeps the old names importable for
-    the modules that have not moved yet (``sap.slice2d.cli``, benchmarks)."""
-    if name in ("add_config_arguments", "config_from_args"):
-        import sap.cli
-
-        return getattr(sap.cli, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -67,7 +67,7 @@ def test_fit_on_gpu_with_amp_writes_a_loadable_model(tmp_path):
         side.masks.append(m)
     spec = ModelSpec("unet", 64, {"filters": unet_filters(64, 8, 32)})
     settings = Slice2DConfig(image_size=64, max_steps=6, val_every_steps=3, batch_size=2, amp=True)
-    result = fit(build_model(spec), spec, train, val, settings, tmp_path, "lesions", device="cuda", progress=False)
+    result = fit(build_model(spec), spec, train, val, settings, tmp_path, "lesions", progress=False)  # the runner puts it on the GPU
     assert result["best_step"] in (3, 6)
     loaded = load_model_dir(tmp_path, device="cuda")
     probs = predict_slices(loaded.model, "unet", images, 64, device="cuda")

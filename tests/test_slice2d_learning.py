@@ -7,6 +7,8 @@ steps (MONAI's per-slice Dice on empty slices, output starting at 50 %) and neve
 
 from __future__ import annotations
 
+import csv
+
 from dataclasses import replace
 
 import numpy as np
@@ -60,9 +62,10 @@ def test_unet_overfits_a_few_slices_of_a_tiny_ct_cohort(tiny_ct, tmp_path):
     result = fit(build_model(spec), spec, few, few, settings, tmp_path, "lesions", progress=False)
     # per-slice Dice (SPEC §11: a prediction on a lesion-free slice scores 0) on the slices it trained on
     assert result["best_val_dice"] >= 0.5, result
-    log = (tmp_path / "log.csv").read_text().splitlines()
-    assert log[0] == "step,loss,loss_dice,loss_ce,val_dice,val_iou,val_dice_pooled"
-    losses = [float(r.split(",")[1]) for r in log[1:]]
+    with (tmp_path / "log.csv").open(newline="") as handle:
+        log = list(csv.DictReader(handle))
+    assert list(log[0]) == ["step", "lr", "loss", "loss_dice", "loss_ce", "val_dice", "val_iou", "val_dice_pooled"]
+    losses = [float(row["loss"]) for row in log]
     assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])  # the logged loss shows the learning
 
 

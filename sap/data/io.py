@@ -34,7 +34,6 @@ from sap.data.geometry import make_geometry as make_geometry
 from sap.data.nifti import is_nifti, read_nifti_gz
 from sap.errors import SapError
 from sap.files import atomic_write, check_writable
-from sap.files import atomic_write_text as atomic_write_text  # writers not yet on sap.files (slice2d)
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 

@@ -19,15 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from sap.data.io import (
-    IMAGE_SUFFIXES,
-    atomic_write_text,
-    check_writable,
-    read_geometry,
-    read_source_array,
-    strip_image_suffix,
-)
+from sap.data.io import IMAGE_SUFFIXES, read_geometry, read_source_array, strip_image_suffix
 from sap.errors import SapError
+from sap.files import atomic_write_text, check_writable
 from sap.metrics import (
     LESION_COLUMNS,
     PATIENT_COLUMNS,

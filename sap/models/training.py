@@ -329,15 +329,23 @@ def train_loop(
     return loop
 
 
-def prepare_out_dir(folder: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to touch earlier outputs unless ``--overwrite`` (start over) or ``--resume``."""
+def check_out_dir(folder: Path, resume: bool, overwrite: bool) -> list[str]:
+    """The ``--overwrite`` / ``--resume`` rules of a stage folder, checked without touching it
+    (a stage may call it before reading its data); returns the stage files that exist."""
     existing = [name for name in STAGE_FILES if (folder / name).exists()]
     if resume:
         if not (folder / "last.pt").is_file():
             raise SapError(f"{folder / 'last.pt'}: nothing to resume (no last checkpoint)")
-        return
-    if existing and not overwrite:
+    elif existing and not overwrite:
         raise SapError(f"{folder}: outputs exist ({', '.join(existing)}); pass --overwrite or --resume")
+    return existing
+
+
+def prepare_out_dir(folder: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to touch earlier outputs unless ``--overwrite`` (start over) or ``--resume``."""
+    existing = check_out_dir(folder, resume, overwrite)
+    if resume:
+        return
     folder.mkdir(parents=True, exist_ok=True)
     if overwrite:
         for name in existing:
@@ -491,7 +499,8 @@ def run_stage(
     the stage's numpy generator, calls ``setup``, restores weights and training state, runs
     :func:`train_loop` with the progress bar, validates every ``spec.val_every`` steps and after
     the last, and writes ``last.pt`` and ``best.pt`` (the same keys: weights, metadata and
-    training state; ``best.pt`` also at the first validation, so it always exists),
+    training state; until a validation gives a finite metric ``best.pt`` follows the latest
+    weights, so it always exists),
     ``log.csv`` + TensorBoard, the resolved ``config.yaml`` and ``summary.json`` (NaN as null).
     ``stop_after`` ends the run after that many steps as if it had been killed (tests of
     ``--resume``). Only the main process writes.
@@ -547,13 +556,14 @@ def run_stage(
             net.train(was_training)
             score = sign * float(values.get(spec.metric, math.nan))
             improved = math.isfinite(score) and score > state.best_metric
-            first = state.best_step < 0  # nothing finite yet: best.pt must still exist
+            # no finite metric yet (e.g. no validation case): best.pt follows the latest weights
+            unscored = not math.isfinite(state.best_metric)
             if improved:
                 state.best_metric = score
-            if improved or first:
+            if improved or unscored:
                 state.best_step = state.step
             ckpt = checkpoint(values)
-            if improved or first:
+            if improved or unscored:
                 save_checkpoint(ckpt, out / "best.pt")
             save_checkpoint(ckpt, out / "last.pt")
             final.clear()

@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from sap.data.io import atomic_write_text, check_writable
 from sap.errors import SapError
+from sap.files import atomic_write_text, check_writable
 from sap.slice2d.metrics import SliceScore, score_slice, summarise
 from sap.slice2d.prompts import (
     MEDSAM_STRATEGIES,

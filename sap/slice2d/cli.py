@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sap.config import add_config_arguments, config_from_args
+from sap.cli import add_config_arguments, config_from_args
 
 FORMATTER = argparse.ArgumentDefaultsHelpFormatter
 

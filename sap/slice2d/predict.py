@@ -25,19 +25,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sap.data.io import (
-    IMAGE_SUFFIXES,
-    atomic_write_text,
-    check_writable,
-    read_image,
-    strip_image_suffix,
-    write_image,
-)
+from sap.data.io import IMAGE_SUFFIXES, read_image, strip_image_suffix, write_image
 from sap.errors import SapError
+from sap.files import atomic_write_text, check_writable
+from sap.models.weights import load_checkpoint
 from sap.slice2d.data import bone_window, slices_to_volume, volume_to_slices
 from sap.slice2d.metrics import score_volume_slices
 from sap.slice2d.models import ModelSpec, build_model, load_state_checked
-from sap.slice2d.train import predict_slices
+from sap.slice2d.train import CHECKPOINT_KIND, predict_slices
 
 CT_NAMES = ("CT", "ct")
 
@@ -55,23 +50,44 @@ class SliceModel:
 
 
 def load_model_dir(path: str | Path, device: torch.device | str = "cpu") -> SliceModel:
-    """Rebuild the network of a ``sap slice2d train`` folder (or its ``model.pt``) and load its weights."""
+    """Rebuild the network of a ``sap slice2d train`` folder (its ``best.pt``) or of one of its
+    checkpoints and load its weights. Folders and ``model.pt`` files of sap before the stage
+    runner (slice2d checkpoint version 1) still load."""
     path = Path(path)
-    file = path / "model.pt" if path.is_dir() else path
+    if path.is_dir():
+        file = next((path / name for name in ("best.pt", "model.pt") if (path / name).is_file()), None)
+        if file is None:
+            raise SapError(f"{path}: no best.pt (expected a folder written by `sap slice2d train`)")
+    else:
+        file = path
     if not file.is_file():
-        raise SapError(f"{path}: no model.pt (expected a folder written by `sap slice2d train`)")
+        raise SapError(f"{file}: no such checkpoint")
     try:
         payload = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise SapError(f"{file}: cannot read the checkpoint ({str(exc).splitlines()[0][:160]})") from exc
-    if not isinstance(payload, dict) or "spec" not in payload or "state_dict" not in payload:
+    if not isinstance(payload, dict):
+        raise SapError(f"{file}: not a sap slice2d checkpoint")
+    if "format" in payload:  # the stage runner's checkpoints: what slice2d needs is under "run"
+        payload = load_checkpoint(file)
+        run = payload.get("run") or {}
+        if payload.get("kind") != CHECKPOINT_KIND or "spec" not in run:
+            raise SapError(f"{file}: a {payload.get('kind')} checkpoint, not a sap slice2d model")
+        meta = {"spec": run["spec"], "target": run.get("target"), "window": run.get("window"), "threshold": run.get("slice2d_threshold")}
+    elif "spec" in payload and "state_dict" in payload:  # version 1: model.pt
+        meta = payload
+    else:
         raise SapError(f"{file}: not a sap slice2d checkpoint (no spec/state_dict)")
-    spec = ModelSpec(**payload["spec"])
+    spec = ModelSpec(**meta["spec"])
     model = build_model(spec)
     load_state_checked(model, payload["state_dict"], str(file))
     model.to(device).eval()
-    level, width = payload.get("window", (400.0, 1800.0))
-    return SliceModel(model, spec, payload.get("target", "lesions"), (float(level), float(width)), float(payload.get("threshold", 0.5)), str(file))
+    level, width = meta.get("window") or (400.0, 1800.0)
+    threshold = meta.get("threshold")
+    return SliceModel(
+        model, spec, meta.get("target") or "lesions", (float(level), float(width)),
+        0.5 if threshold is None else float(threshold), str(file),
+    )  # fmt: skip
 
 
 def find_inputs(path: str | Path) -> list[tuple[str, Path]]:

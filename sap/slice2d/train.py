@@ -1,10 +1,12 @@
 """Training of the 2D slice models (``sap slice2d train``) and the shared batch/predict helpers.
 
-A model folder holds ``model.pt`` (the weights with the best validation Dice, or the last when
-there is no validation subject), ``last.pt``, ``config.yaml`` (the resolved config),
-``split.json`` (patient-level split) and ``log.csv`` (step, loss, validation Dice/IoU). Each
-checkpoint carries the :class:`~sap.slice2d.models.ModelSpec`, so prediction rebuilds the network
-without the pretrained source folder.
+Training goes through the stage runner (:func:`sap.models.training.run_stage`), like the 3D
+stages. A model folder holds ``best.pt`` (the weights with the best validation Dice, or the
+latest when there is no validation subject), ``last.pt``, ``config.yaml`` (the resolved config),
+``log.csv`` (step, learning rate, loss and its terms, validation Dice/IoU) with TensorBoard,
+``summary.json``, ``split.json`` (patient-level split) and ``train_summary.json``. Each checkpoint
+carries the :class:`~sap.slice2d.models.ModelSpec` (under ``run``), so prediction rebuilds the
+network without the pretrained source folder; ``model.pt`` folders of earlier versions still load.
 
 Optimisers: the U-Net uses nnU-Net's SGD (Nesterov momentum 0.99, weight decay 3e-5, polynomial
 decay with exponent 0.9, ``slice2d.unet_lr``); the foundation and SAM models use AdamW
@@ -15,9 +17,6 @@ deformation: random rotation ±20° and scaling 0.9–1.1 (p 0.7), brightness/co
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -28,9 +27,11 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from sap.config import Config, Slice2DConfig, save_config
-from sap.data.io import atomic_write_text, check_writable
+from sap.config import Config, Slice2DConfig
 from sap.errors import SapError
+from sap.files import write_json
+from sap.models.training import StageContext, StageParts, StageSpec, check_out_dir, run_stage
+from sap.models.weights import load_checkpoint
 from sap.slice2d.data import SliceSet, split_by_patient, target_mask
 from sap.slice2d.metrics import score_slice, summarise
 from sap.slice2d.models import (
@@ -40,14 +41,15 @@ from sap.slice2d.models import (
     hf_config_dict,
     init_output_prior,
     load_hf_model,
-    load_state_checked,
     make_loss,
     unet_filters,
 )
 
-CHECKPOINT_VERSION = 1
-#: log.csv columns: the loss and its Dice and CE terms per step; validation every val_every_steps
-LOG_FIELDS = ["step", "loss", "loss_dice", "loss_ce", "val_dice", "val_iou", "val_dice_pooled"]
+#: what the weights are, in the checkpoints' ``kind``
+CHECKPOINT_KIND = "slice2d"
+#: log.csv columns besides ``step``: learning rate, the loss and its Dice and CE terms per step;
+#: validation every ``slice2d.val_every_steps``
+LOG_COLUMNS = ["lr", "loss", "loss_dice", "loss_ce", "val_dice", "val_iou", "val_dice_pooled"]
 
 
 # ----------------------------------------------------------------------------------- models
@@ -217,29 +219,6 @@ def augment_batch(
     return x, y
 
 
-def training_step(
-    model: torch.nn.Module,
-    loss_fn: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    scaler: torch.amp.GradScaler | None = None,
-) -> float:
-    """One optimiser step on a batch; returns the loss."""
-    model.train()
-    optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(device_type=x.device.type, enabled=scaler is not None):
-        loss = loss_fn(model(x), y)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
-    return float(loss.detach())
-
-
 @torch.no_grad()
 def predict_slices(
     model: torch.nn.Module, kind: str, images: list[np.ndarray], size: int, batch_size: int = 8, device: torch.device | str = "cpu"
@@ -311,37 +290,29 @@ def load_slice_sets(
 
 
 # ----------------------------------------------------------------------------------- fit
-def checkpoint_payload(
-    model: torch.nn.Module, spec: ModelSpec, settings: Slice2DConfig, target: str, step: int, val: dict | None
-) -> dict[str, Any]:
-    return {
-        "version": CHECKPOINT_VERSION,
-        "spec": spec.to_dict(),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "target": target,
-        "window": [settings.window_level, settings.window_width],
-        "threshold": settings.threshold,
-        "step": step,
-        "val": json.loads(json.dumps(val or {})),
-    }
+class BatchOrder:
+    """The position of the batch stream: the slice sampler and the augmentation generator.
+
+    The stage runner saves it with ``last.pt`` (``StageParts.cursor``) and restores it on
+    ``--resume``; the sampler's own numpy generator is the runner's, saved with the RNG state.
+    """
+
+    def __init__(self, sampler: SliceSampler, augment_rng: torch.Generator) -> None:
+        self.sampler, self.augment_rng = sampler, augment_rng
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sampler": self.sampler.state_dict(), "augment_rng": self.augment_rng.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "sampler" not in state:
+            raise SapError("resume: last.pt holds no sampler state; train afresh with --overwrite")
+        self.sampler.load_state_dict(state["sampler"])
+        self.augment_rng.set_state(state["augment_rng"])
 
 
-def save_checkpoint(payload: dict[str, Any], path: Path) -> Path:
-    """``torch.save`` through a temporary sibling and a rename."""
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(buffer.getvalue())
-    tmp.replace(path)
-    return path
-
-
-def _write_log(out_dir: Path, rows: list[dict[str, Any]]) -> None:
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=LOG_FIELDS, restval="")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(out_dir / "log.csv", text.getvalue())
+def batch_loss(model: torch.nn.Module, loss_fn: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The training loss of one batch (the runner takes the optimiser step)."""
+    return loss_fn(model(x), y)
 
 
 def fit(
@@ -352,101 +323,74 @@ def fit(
     settings: Slice2DConfig,
     out_dir: Path,
     target: str,
-    device: torch.device | str = "cpu",
     progress: bool = True,
-    resume_state: dict[str, Any] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    config: Config | None = None,
+    stop_after: int | None = None,
 ) -> dict[str, Any]:
-    """Train for ``settings.max_steps`` steps; write ``model.pt`` (best), ``last.pt`` and ``log.csv``.
+    """Train for ``settings.max_steps`` steps through the stage runner
+    (:func:`sap.models.training.run_stage`): ``best.pt`` (best validation Dice; the latest
+    weights when there is no validation slice), ``last.pt``, ``log.csv``, ``config.yaml`` and
+    ``summary.json`` in ``out_dir``, with the runner's ``--overwrite``/``--resume`` rules.
 
-    ``last.pt`` (weights, optimiser, schedule, sampler and RNG state) is written at every validation
-    step and at the end; ``resume_state`` (its ``"resume"`` entry) continues a killed run to the
-    same result as an uninterrupted one.
+    ``model`` is the new network (``resume``: the network rebuilt from ``last.pt``'s spec, whose
+    weights the runner restores). ``config`` is stored in the checkpoints and compared on
+    ``--resume`` (default: the config with this ``slice2d`` section). Returns ``best_step``,
+    ``best_val_dice`` (None without validation) and ``steps``.
     """
-    device = torch.device(device)
-    model.to(device)
+    cfg = config if config is not None else Config(slice2d=settings)
     kind = spec.kind
-    torch.manual_seed(settings.seed)
-    rng = np.random.default_rng(settings.seed)
-    augment_rng = torch.Generator().manual_seed(settings.seed)
-    loss_fn = make_loss(kind)
-    if resume_state is None and settings.prior_head:
-        init_output_prior(model, kind, foreground_fraction(train.masks))
-    optimizer, schedule = make_optimizer(kind, model, settings, settings.max_steps)
-    scaler = torch.amp.GradScaler("cuda") if settings.amp and device.type == "cuda" else None
-    log_rows: list[dict[str, Any]] = []
-    best_dice, best_step = -math.inf, 0
-    sampler = SliceSampler([bool(m.any()) for m in train.masks], settings.batch_size, settings.positive_fraction, rng)
-    first_step = 1
-    if resume_state is not None:
-        optimizer.load_state_dict(resume_state["optimizer"])
-        schedule.load_state_dict(resume_state["schedule"])
-        if scaler is not None and resume_state.get("scaler"):
-            scaler.load_state_dict(resume_state["scaler"])
-        rng.bit_generator.state = resume_state["numpy_rng"]
-        torch.set_rng_state(resume_state["torch_rng"])
-        augment_rng.set_state(resume_state["augment_rng"])
-        if "sampler" not in resume_state:
-            raise SapError("resume: last.pt was written by an older sap (no sampler state); train afresh")
-        sampler.load_state_dict(resume_state["sampler"])
-        best_dice, best_step = float(resume_state["best_dice"]), int(resume_state["best_step"])
-        log_rows = list(resume_state["log"])
-        first_step = int(resume_state["step"]) + 1
+    stage = StageSpec(
+        kind=CHECKPOINT_KIND, out_dir=Path(out_dir), config=cfg, max_steps=settings.max_steps,
+        val_every=settings.val_every_steps, metric="val_dice", columns=LOG_COLUMNS, amp=settings.amp,
+        seed=settings.seed, desc=f"slice2d: training {kind}", sections=("data", "slice2d"),
+        identity={"model": kind, "target": target},
+        info={"spec": spec.to_dict(), "window": [settings.window_level, settings.window_width],
+              "slice2d_threshold": settings.threshold, "n_train_slices": len(train), "n_val_slices": len(val or ())},
+        channels=list(ct_data_config(cfg).channels), out_channels=1,
+    )  # fmt: skip
 
-    def save_last(step: int) -> None:
-        payload = checkpoint_payload(model, spec, settings, target, step, None)
-        payload["resume"] = {
-            "step": step,
-            "optimizer": optimizer.state_dict(),
-            "schedule": schedule.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else {},
-            "numpy_rng": rng.bit_generator.state,
-            "torch_rng": torch.get_rng_state(),
-            "augment_rng": augment_rng.get_state(),
-            "sampler": sampler.state_dict(),
-            "best_dice": best_dice,
-            "best_step": best_step,
-            "log": log_rows,
-        }
-        save_checkpoint(payload, out_dir / "last.pt")
-        _write_log(out_dir, log_rows)
+    def setup(ctx: StageContext) -> StageParts:
+        if not ctx.resuming and settings.prior_head:
+            init_output_prior(model, kind, foreground_fraction(train.masks))
+        optimizer, schedule = make_optimizer(kind, model, settings, settings.max_steps)
+        sampler = SliceSampler([bool(m.any()) for m in train.masks], settings.batch_size, settings.positive_fraction, ctx.generator)
+        order = BatchOrder(sampler, torch.Generator().manual_seed(settings.seed))
+        loss_fn = make_loss(kind)
 
-    bar = tqdm(
-        range(first_step, settings.max_steps + 1),
-        desc=f"slice2d: training {kind}",
-        unit="step",
-        disable=not progress,
-        initial=first_step - 1,
-        total=settings.max_steps,
-    )
-    for step in bar:
-        idx = sampler.next_batch()
-        x, y = to_batch([train.images[i] for i in idx], [train.masks[i] for i in idx], spec.image_size, device)
-        if settings.augment:
-            x, y = augment_batch(x, y, augment_rng)
-        loss = training_step(model, loss_fn, optimizer, x, y, scaler)
-        schedule.step()
-        terms = getattr(loss_fn, "last_terms", ("", ""))
-        row: dict[str, Any] = {"step": step, "loss": loss, "loss_dice": terms[0], "loss_ce": terms[1]}
-        checkpoint_now = step % settings.val_every_steps == 0 or step == settings.max_steps
-        if checkpoint_now and val is not None and len(val):
-            scores = validate(model, kind, val, spec.image_size, settings.threshold, device)
-            row.update(val_dice=scores["dice"], val_iou=scores["iou"], val_dice_pooled=scores["dice_pooled"])
-            dice = scores["dice"] if not math.isnan(scores["dice"]) else -1.0
-            if dice > best_dice:
-                best_dice, best_step = dice, step
-                save_checkpoint(checkpoint_payload(model, spec, settings, target, step, scores), out_dir / "model.pt")
-            bar.set_postfix(loss=f"{loss:.3f}", val_dice=f"{scores['dice']:.3f}")
-        else:
-            bar.set_postfix(loss=f"{loss:.3f}")
-        log_rows.append(row)
-        if checkpoint_now:
-            save_last(step)
-    if first_step > settings.max_steps:  # resumed a finished run: nothing left to do
-        _write_log(out_dir, log_rows)
-    if val is None or not len(val):  # no validation subject: the last weights are the model
-        save_checkpoint(checkpoint_payload(model, spec, settings, target, settings.max_steps, None), out_dir / "model.pt")
-        best_step = settings.max_steps
-    return {"best_step": best_step, "best_val_dice": None if best_dice == -math.inf else best_dice, "steps": settings.max_steps}
+        def draw_batch() -> tuple[torch.Tensor, torch.Tensor]:
+            idx = sampler.next_batch()
+            x, y = to_batch([train.images[i] for i in idx], [train.masks[i] for i in idx], spec.image_size)
+            if settings.augment:  # on the CPU, with the saved generator: resumed runs repeat
+                x, y = augment_batch(x, y, order.augment_rng)
+            return x.to(ctx.device), y.to(ctx.device)
+
+        def step(net: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+            loss = batch_loss(net, loss_fn, *batch)
+            dice, ce = getattr(loss_fn, "last_terms", (math.nan, math.nan))
+            return loss, {"loss": float(loss.detach()), "loss_dice": float(dice), "loss_ce": float(ce)}
+
+        def validate_model(net: torch.nn.Module) -> dict[str, float]:
+            if val is None or not len(val):
+                return {"val_dice": math.nan}
+            scores = validate(net, kind, val, spec.image_size, settings.threshold, ctx.device)
+            return {"val_dice": scores["dice"], "val_iou": scores["iou"], "val_dice_pooled": scores["dice_pooled"]}
+
+        return StageParts(model, optimizer, draw_batch, step, validate_model, scheduler=schedule, cursor=order)
+
+    result = run_stage(stage, setup, resume=resume, overwrite=overwrite, progress=progress, stop_after=stop_after)
+    best = result.best_metric if math.isfinite(result.best_metric) else None
+    return {"best_step": result.best_step, "best_val_dice": best, "steps": result.steps}
+
+
+def read_model_spec(path: Path) -> tuple[ModelSpec, str]:
+    """The network spec and target stored in a ``sap slice2d train`` checkpoint (``--resume``)."""
+    ckpt = load_checkpoint(path)
+    run = ckpt.get("run") or {}
+    if ckpt.get("kind") != CHECKPOINT_KIND or "spec" not in run:
+        raise SapError(f"{path}: not a sap slice2d checkpoint (kind {ckpt.get('kind')!r})")
+    return ModelSpec(**run["spec"]), str(run.get("target"))
 
 
 def train_slice_model(
@@ -475,31 +419,19 @@ def train_slice_model(
             raise SapError("--checkpoint is for --model foundation or sam (the U-Net trains from scratch)")
     s.model, s.target = kind, target
     out = Path(out_dir)
-    resume_state = None
+    check_out_dir(out, resume, overwrite)  # before reading any data
     if resume:
-        last = out / "last.pt"
-        if not last.is_file():
-            raise SapError(f"{last}: nothing to resume (no last.pt)")
-        payload = torch.load(last, map_location="cpu", weights_only=True)
-        if "resume" not in payload:
-            raise SapError(f"{last}: not a resumable checkpoint (no optimiser state)")
-        spec = ModelSpec(**payload["spec"])
-        if spec.kind != kind or payload.get("target") != target:
-            raise SapError(f"{last}: holds a {spec.kind} model for {payload.get('target')}, not {kind} for {target}")
+        spec, stored_target = read_model_spec(out / "last.pt")
+        if spec.kind != kind or stored_target != target:
+            raise SapError(f"{out / 'last.pt'}: holds a {spec.kind} model for {stored_target}, not {kind} for {target}")
         model = build_model(spec)
-        load_state_checked(model, payload["state_dict"], str(last))
-        resume_state = payload["resume"]
     else:
-        check_writable(out / "model.pt", overwrite)
         torch.manual_seed(s.seed)  # the same seed gives the same initial weights
         model, spec = create_model(kind, s)  # before reading data: bad weights fail fast
     train, val, split = load_slice_sets(cfg, target, progress)
-    out.mkdir(parents=True, exist_ok=True)
     cfg.out = str(out)
-    save_config(cfg, out / "config.yaml")
-    atomic_write_text(out / "split.json", json.dumps({"level": "patient", **split}, indent=2))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    result = fit(model, spec, train, val, s, out, target, device, progress, resume_state)
+    result = fit(model, spec, train, val, s, out, target, progress, resume, overwrite, config=cfg)
+    write_json(out / "split.json", {"level": "patient", **split})
     result.update(n_train_slices=len(train), n_val_slices=len(val), model_dir=str(out))
-    atomic_write_text(out / "train_summary.json", json.dumps(result, indent=2))
+    write_json(out / "train_summary.json", result)
     return result
