@@ -202,6 +202,7 @@ def test_every_stage_writes_the_same_keys_and_old_checkpoints_still_load(tmp_pat
     assert main(args) == 0
     assert "finetune sap fold 1" not in capsys.readouterr().err  # --no-progress: no training bar
     folders["finetune"] = tmp_path / "run" / "sap" / "fold_1"
+    folders["slice2d"] = _train_slice2d_unet(tmp_path / "slice2d")
     for stage, folder in folders.items():
         best, last = load_checkpoint(folder / "best.pt"), load_checkpoint(folder / "last.pt")
         assert best.keys() == last.keys() == STAGE_KEYS, stage
@@ -217,3 +218,47 @@ def test_every_stage_writes_the_same_keys_and_old_checkpoints_still_load(tmp_pat
     for a, b in zip(model.networks[0].state_dict().values(), load_checkpoint(old_lesion)["state_dict"].values(),
                     strict=True):  # fmt: skip
         assert torch.equal(a, b)
+
+
+def _train_slice2d_unet(folder):
+    """One step of a tiny 2D U-Net through ``sap.slice2d.train.fit`` on four synthetic slices."""
+    from sap.config import Slice2DConfig
+    from sap.slice2d.data import SliceSet
+    from sap.slice2d.models import ModelSpec, build_model, unet_filters
+    from sap.slice2d.train import fit
+
+    yy, xx = np.mgrid[:32, :32]
+    slices = SliceSet()
+    for i in range(4):
+        mask = ((yy - 10 - 3 * i) ** 2 + (xx - 16) ** 2 < 16).astype(np.uint8) * (i % 2)
+        slices.images.append((0.3 + 0.5 * mask).astype(np.float32))
+        slices.masks.append(mask)
+    spec = ModelSpec("unet", 32, {"filters": unet_filters(32, 4, 8)})
+    settings = Slice2DConfig(image_size=32, max_steps=1, val_every_steps=1, batch_size=2)
+    fit(build_model(spec), spec, slices, slices, settings, folder, "lesions", progress=False)
+    return folder
+
+
+def test_slice2d_model_folders_of_the_old_format_still_load_for_predict(tmp_path):
+    from sap.slice2d.predict import load_model_dir
+
+    folder = _train_slice2d_unet(tmp_path / "new")
+    new = load_model_dir(folder)
+    ckpt = load_checkpoint(folder / "best.pt")
+    old = tmp_path / "old"
+    old.mkdir()
+    torch.save({"version": 1, "spec": ckpt["run"]["spec"], "state_dict": ckpt["state_dict"], "target": "lesions",
+                "window": [40.0, 400.0], "threshold": 0.3, "step": 1}, old / "model.pt")  # fmt: skip
+    loaded = load_model_dir(old)
+    assert loaded.source.endswith("model.pt") and loaded.window == (40.0, 400.0) and loaded.threshold == 0.3
+    assert new.source.endswith("best.pt") and new.window == (400.0, 1800.0) and new.threshold == 0.5
+    for a, b in zip(new.model.state_dict().values(), loaded.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(SapError, match="not a sap slice2d model"):
+        load_model_dir(_a_toy_checkpoint(tmp_path))  # a checkpoint of another stage
+
+
+def _a_toy_checkpoint(tmp_path):
+    spec, setup = toy_stage(tmp_path / "toy", load_config("tiny"), max_steps=2)
+    return run_stage(spec, setup, progress=False).best
+
