@@ -8,7 +8,6 @@ steps (MONAI's per-slice Dice on empty slices, output starting at 50 %) and neve
 from __future__ import annotations
 
 import csv
-
 from dataclasses import replace
 
 import numpy as np
