@@ -177,6 +177,23 @@ def test_item1_killed_infer_run_keeps_its_finished_cases(tmp_path, model_file, f
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "reference" / name).read_bytes()
 
 
+def test_item1_report_folder_is_rebuilt_whole_so_a_users_file_in_it_is_refused(tmp_path, small_cohort, capsys):
+    """``RUN/report`` is one unit, swapped in whole; a file the build does not write would be lost,
+    so ``sap report`` and ``sap cv`` refuse it before any work, naming it."""
+    run = tmp_path / "run"
+    (run / "report" / "figures").mkdir(parents=True)
+    (run / "report" / "report.md").write_text("old report")
+    (run / "report" / "figures" / "froc.png").write_bytes(b"png")
+    (run / "report" / "figures" / "my_annotations.txt").write_text("the user's")
+    before = snapshot(tmp_path, small_cohort)
+    assert main(["report", "--run", str(run)]) == 2
+    one_error(capsys, f"{run / 'report' / 'figures' / 'my_annotations.txt'}: not written by sap report")
+    assert main(["cv", "--config", "tiny", "--data", str(small_cohort), "--out", str(run), "--methods", "baseline",
+                 "--no-progress"]) == 2
+    one_error(capsys, "my_annotations.txt: not written by sap report")
+    assert snapshot(tmp_path, small_cohort) == before
+
+
 # ------------------------------------------------------------------------------------ item 2
 @pytest.mark.parametrize("foreign, named", [
     ("notes.txt", "notes.txt"),  # a user's notes

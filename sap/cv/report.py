@@ -636,15 +636,44 @@ def scale_line(scale: str, cfg: Any, cohort: dict[str, Any] | None) -> str:
     return " ".join(parts)
 
 
+#: what ``RUN/report`` holds: the two pages, and figures and tables of these kinds
+REPORT_FILES = {"report.md": None, "report.html": None, "figures": ".png", "tables": ".csv"}
+
+
+def not_report_files(folder: Path) -> list[Path]:
+    """Entries of an existing report folder that a report build did not write (a user's notes)."""
+    if not folder.is_dir():
+        return []
+    foreign = []
+    for entry in sorted(folder.iterdir()):
+        kind = REPORT_FILES.get(entry.name, "missing")
+        if kind is None and entry.is_file():
+            continue
+        if isinstance(kind, str) and kind != "missing" and entry.is_dir():
+            foreign += [p for p in sorted(entry.iterdir()) if not (p.is_file() and p.suffix == kind)]
+            continue
+        foreign.append(entry)
+    return foreign
+
+
+def check_report_folder(run: RunDir) -> None:
+    """Refuse a ``RUN/report`` holding anything a build does not write (it is rebuilt whole)."""
+    foreign = not_report_files(run.report)
+    if foreign:
+        raise SapError(f"{foreign[0]}: not written by sap report; {run.report} is rebuilt whole, so move it away first")
+
+
 def build_report(run_root: str | Path, progress: bool = True) -> Path:
     """(Re)build ``RUN/report`` from the stored results; returns the path of report.md.
 
     The folder is built aside and swapped in whole (:func:`sap.files.staged_folder`): a failure
-    (a full disk) leaves the earlier report as it was."""
+    (a full disk) leaves the earlier report as it was. A report folder holding anything a build does
+    not write (:func:`not_report_files`) is refused, naming it, instead of being dropped."""
     t0 = time.perf_counter()
     run = RunDir(Path(run_root))
     if not run.root.is_dir():
         raise SapError(f"{run.root}: run folder not found")
+    check_report_folder(run)
     cfg = load_run_config(run.config) if run.config.is_file() else None
     results = {m: r for m in ALL_METHODS if (r := load_method(run, m)) is not None}
     if not results:

@@ -424,6 +424,10 @@ def run_study(
         run = RunDir.of(cfg.out)
         check_not_input([Path(export) / m for m in chosen], [*(run.method(m) for m in chosen), cfg.data.root],
                         replaced_folder=True)
+    if report and all_folds:  # the report folder is rebuilt whole: refuse a user's file in it now, not at the end
+        from sap.cv.report import check_report_folder
+
+        check_report_folder(RunDir.of(cfg.out))
     # every case the study reads is checked before anything is written or trained
     pretraining = any(PRETRAIN_OF[m] is not None for m in chosen)
     study = Study(cfg, overwrite=overwrite, validate=("patients", "healthy") if pretraining else ("patients",))
