@@ -2,7 +2,8 @@
 
 Every subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int``; heavy imports
 happen inside ``run`` so ``sap --help`` stays fast. Bad input raises :class:`sap.errors.SapError`,
-printed here as one line (``sap <cmd>: error: …``) with exit code 2.
+printed here as one line (``sap <cmd>: error: …``) with exit code 2; so is a failed write
+(an ``OSError`` naming its file: full disk, no permission).
 """
 
 from __future__ import annotations
@@ -147,6 +148,19 @@ def main(argv: Sequence[str] | None = None, only: str | None = None) -> int:
         return int(args.func(args) or 0)
     except SapError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # a write outside sap.files' writers (logs, caches, third-party writers) that failed: the
+        # same one line as sap.files.WriteError, never a traceback
+        if exc.errno is None or exc.filename is None:
+            raise
+        import errno
+
+        from sap.files import write_error
+
+        writing = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+        message = write_error(exc.filename, exc) if writing else f"{exc.filename}: {exc.strerror}"
+        print(f"{prog}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

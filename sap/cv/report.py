@@ -30,7 +30,7 @@ import numpy as np
 from sap import RESEARCH_USE_ONLY, __version__
 from sap.cv.rundir import METHOD_LABELS, load_run_config
 from sap.errors import SapError
-from sap.files import atomic_write_text
+from sap.files import atomic_write_text, check_not_input, staged_folder
 from sap.run_layout import ALL_METHODS, METHODS, REFERENCE, RunDir
 
 SCALE_NOTES = {
@@ -636,26 +636,71 @@ def scale_line(scale: str, cfg: Any, cohort: dict[str, Any] | None) -> str:
     return " ".join(parts)
 
 
+#: what ``RUN/report`` holds: the two pages, and figures and tables of these kinds
+REPORT_FILES = {"report.md": None, "report.html": None, "figures": ".png", "tables": ".csv"}
+
+
+def not_report_files(folder: Path) -> list[Path]:
+    """Entries of an existing report folder that a report build did not write (a user's notes)."""
+    if not folder.is_dir():
+        return []
+    foreign = []
+    for entry in sorted(folder.iterdir()):
+        kind = REPORT_FILES.get(entry.name, "missing")
+        if kind is None and entry.is_file():
+            continue
+        if isinstance(kind, str) and kind != "missing" and entry.is_dir():
+            foreign += [p for p in sorted(entry.iterdir()) if not (p.is_file() and p.suffix == kind)]
+            continue
+        foreign.append(entry)
+    return foreign
+
+
+def check_report_folder(run: RunDir) -> None:
+    """Refuse a ``RUN/report`` holding anything a build does not write (it is rebuilt whole)."""
+    foreign = not_report_files(run.report)
+    if foreign:
+        raise SapError(f"{foreign[0]}: not written by sap report; {run.report} is rebuilt whole, so move it away first")
+
+
 def build_report(run_root: str | Path, progress: bool = True) -> Path:
-    """(Re)build ``RUN/report`` from the stored results; returns the path of report.md."""
+    """(Re)build ``RUN/report`` from the stored results; returns the path of report.md.
+
+    The folder is built aside and swapped in whole (:func:`sap.files.staged_folder`): a failure
+    (a full disk) leaves the earlier report as it was. A report folder holding anything a build does
+    not write (:func:`not_report_files`) is refused, naming it, instead of being dropped."""
+    t0 = time.perf_counter()
+    run = RunDir(Path(run_root))
+    if not run.root.is_dir():
+        raise SapError(f"{run.root}: run folder not found")
+    check_report_folder(run)
+    cfg = load_run_config(run.config) if run.config.is_file() else None
+    results = {m: r for m in ALL_METHODS if (r := load_method(run, m)) is not None}
+    if not results:
+        raise SapError(f"{run.root}: no evaluated method yet (RUN/<method>/evaluation/summary.json); "
+                       "finish the folds with sap cv first")
+    if cfg is not None and cfg.data.root:
+        check_not_input([run.report], [cfg.data.root], replaced_folder=True)
+    # the report folder is built aside and swapped in whole: never half old, half new
+    with staged_folder(run.report) as staging:
+        _write_report(run, staging, cfg, results, t0)
+    md = run.report / "report.md"
+    if progress:
+        print(f"sap report: wrote {md} and report.html ({len(list((run.report / 'figures').glob('*.png')))} "
+              "figures)", file=sys.stderr)
+    return md
+
+
+def _write_report(run: RunDir, out: Path, cfg: Any, results: dict[str, MethodResults], t0: float) -> None:
+    """Every file of the report, written into ``out`` (the staging folder of ``RUN/report``)."""
     import pandas as pd
 
     from sap.cv import figures
     from sap.cv.provenance import cohort_info
 
-    t0 = time.perf_counter()
-    run = RunDir(Path(run_root))
-    if not run.root.is_dir():
-        raise SapError(f"{run.root}: run folder not found")
-    cfg = load_run_config(run.config) if run.config.is_file() else None
     scale = cfg.scale if cfg is not None else "paper"
-    results = {m: r for m in ALL_METHODS if (r := load_method(run, m)) is not None}
-    if not results:
-        raise SapError(f"{run.root}: no evaluated method yet (RUN/<method>/evaluation/summary.json); "
-                       "finish the folds with sap cv first")
     methods = list(results)
     networks = [m for m in methods if m in METHODS]
-    out = run.report
     fig_dir, tab_dir = out / "figures", out / "tables"
     tab_dir.mkdir(parents=True, exist_ok=True)
     manifest = json.loads(run.manifest.read_text()) if run.manifest.is_file() else {}
@@ -802,9 +847,5 @@ def build_report(run_root: str | Path, progress: bool = True) -> Path:
                + ", ".join(f"{k} {v}" for k, v in manifest.get("packages", {}).items() if v) + ".")
     b.para(f"{RESEARCH_USE_ONLY} Report built in {time.perf_counter() - t0:.0f} s by sap {__version__}.")
 
-    md = atomic_write_text(out / "report.md", b.markdown(out))
+    atomic_write_text(out / "report.md", b.markdown(out))
     atomic_write_text(out / "report.html", b.html("sap study report"))
-    if progress:
-        print(f"sap report: wrote {md} and report.html ({len(list(fig_dir.glob('*.png')))} figures)",
-              file=sys.stderr)
-    return md

@@ -18,9 +18,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from sap.cv.report import build_report
+    from sap.cv.report import build_report, check_report_folder
     from sap.cv.study import finalize_run
+    from sap.run_layout import RunDir
 
+    check_report_folder(RunDir(Path(args.run)))  # before any work: the folder is rebuilt whole
     finalize_run(Path(args.run), overwrite=args.overwrite)
     path = build_report(Path(args.run))
     print(f"sap report: {path}")

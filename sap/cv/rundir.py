@@ -25,7 +25,7 @@ from typing import Any
 
 from sap.config import PATH_KEYS, Config, without_keys
 from sap.errors import SapError
-from sap.files import atomic_write_text
+from sap.files import LOCK_NAME, atomic_write_text
 from sap.run_layout import (
     ALL_METHODS,
     FOLD_EXTRA,
@@ -161,9 +161,16 @@ def mark_done(folder: Path, step: str, config_hash: str, seconds: float, **info:
 
 
 def clear_folder(folder: Path) -> None:
-    """Remove a stale step folder (only called with ``--overwrite``)."""
-    if folder.exists():
-        shutil.rmtree(folder)
+    """Empty a stale step folder (only called with ``--overwrite``); its lock file stays."""
+    if not folder.exists():
+        return
+    for child in folder.iterdir():
+        if child.name == LOCK_NAME:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
 
 
 # ---------------------------------------------------------------------------------- manifest

@@ -95,6 +95,7 @@ def evaluate_pairs(
     summary_settings: Any,
     out_dir: Path,
     on_case: Callable[[str, np.ndarray, np.ndarray, tuple], None] | None = None,
+    extra: Callable[[], dict[str, Callable[[Path], Any]]] | None = None,
 ) -> tuple[list[Any], dict[str, Any]]:
     """Evaluate (case, ground truth, prediction) triples, each at its own settings; write
     ``patients.csv``, ``lesions.csv``, ``summary.json`` to ``out_dir``. Returns (results, summary).
@@ -102,7 +103,8 @@ def evaluate_pairs(
     Uses ``sap.evaluate``'s file reading and writing and ``sap.metrics`` for the rules; the pairs
     are given explicitly because a study's test cases and their predictions live in different
     folders than ``sap evaluate`` would search. ``on_case(case_id, prob, gt, spacing)`` sees each
-    case's arrays once (the study attributes lesions to skeletal regions there).
+    case's arrays once (the study attributes lesions to skeletal regions there); ``extra()``, called
+    after the last case, gives more files (name → writer) published together with the three.
     """
     from sap.evaluate.api import CasePair, load_pair, write_outputs
     from sap.metrics import evaluate_case, summarize
@@ -114,7 +116,7 @@ def evaluate_pairs(
         if on_case is not None:
             on_case(case_id, prob, mask, spacing)
     summary = summarize(results, summary_settings)
-    write_outputs(out_dir, results, summary, overwrite=True)
+    write_outputs(out_dir, results, summary, overwrite=True, extra=extra() if extra is not None else None)
     return results, summary
 
 

@@ -41,7 +41,7 @@ from sap.data.cases import Case, Cohort, discover_cohort
 from sap.data.io import write_image
 from sap.data.splits import Splits, load_or_create_splits
 from sap.errors import SapError
-from sap.files import atomic_write_text
+from sap.files import atomic_write_text, folder_lock, make_folder
 from sap.run_layout import INIT_OF, PRETRAIN_OF, REFERENCE, STUDY_SECTIONS, RunDir
 
 #: rough budgets per step at demo scale (SPEC §10), seconds; only for the "remaining" display
@@ -72,11 +72,27 @@ def evaluation_settings(cfg: Config, threshold: float | None = None, min_volume_
     )
 
 
+def validate_cases(cases: list[Case], cfg: Config) -> None:
+    """Read every case not yet in the preprocessing cache with every data rule (grids, NaN/Inf
+    voxels, binary masks, skeleton labels; :func:`sap.data.check.check_case`), so a bad exam is
+    refused before pretraining starts, not after. Cached cases were checked when cached."""
+    from tqdm.auto import tqdm
+
+    from sap.data.cache import is_cached
+    from sap.data.check import check_case
+
+    todo = [c for c in cases if not is_cached(c, cfg.data)]
+    for case in tqdm(todo, desc="checking cases", unit="case", file=sys.stderr, disable=len(todo) < 2):
+        check_case(case, cfg)
+
+
 # ------------------------------------------------------------------------------------ context
 class Study:
     """A study run: config, run folder, cohort and splits, and its steps."""
 
-    def __init__(self, cfg: Config, overwrite: bool = False) -> None:
+    def __init__(self, cfg: Config, overwrite: bool = False, validate: tuple[str, ...] = ()) -> None:
+        """``validate``: groups (``patients``, ``healthy``) whose every case is read and checked
+        (:func:`validate_cases`) before anything is written."""
         if not cfg.out:
             raise SapError("no run folder: pass --out RUN (or set out in the config)")
         self.cfg = cfg
@@ -85,13 +101,14 @@ class Study:
         self.fold_hashes = {m: fold_hash(cfg, m) for m in ("baseline", "ssl", "sap", REFERENCE)}
         self.pretrain_hashes = {s: pretrain_hash(cfg, s) for s in ("skeletal", "ssl")}
         self.study_hash = settings_hash(cfg, STUDY_SECTIONS)
-        self.cohort: Cohort = discover_cohort(cfg.data, require=("patients",))
+        self.cohort: Cohort = discover_cohort(cfg.data, require=("patients", *validate))
         self.cases: dict[str, Case] = {c.case_id: c for c in self.cohort.patients}
-        self.run.root.mkdir(parents=True, exist_ok=True)
-        self.splits: Splits = load_or_create_splits(self.run.root, self.cohort, cfg)
         missing_gt = [c.case_id for c in self.cohort.patients if c.lesions is None]
         if missing_gt:
             raise SapError(f"{cfg.data.root}: patient cases without a lesion mask (GT): {', '.join(missing_gt[:5])}")
+        validate_cases([c for c in self.cohort.cases if c.group in validate], cfg)
+        make_folder(self.run.root)
+        self.splits: Splits = load_or_create_splits(self.run.root, self.cohort, cfg)
 
     # -------------------------------------------------------------- pretraining
     def pretrained_checkpoint(self, stage: str) -> Path:
@@ -102,6 +119,13 @@ class Study:
         folder = self.run.pretrain(stage)
         if self._done(folder, "pretrain", config_hash=self.pretrain_hashes[stage]):
             return self.pretrained_checkpoint(stage)
+        # runs split over machines (--folds) may share the stage: the first pretrains, the others wait
+        with folder_lock(folder, wait=True, on_wait=_log):
+            if self._done(folder, "pretrain", config_hash=self.pretrain_hashes[stage]):
+                return self.pretrained_checkpoint(stage)
+            return self._pretrain(stage, folder)
+
+    def _pretrain(self, stage: str, folder: Path) -> Path:
         t0 = time.perf_counter()
         resume = (folder / "last.pt").is_file()
         checkpoint = stages.pretrain(self.cfg, stage, self.run.root, resume=resume)
@@ -116,6 +140,10 @@ class Study:
         return self.run.fold(method, fold) / f"{self.cfg.cv.checkpoint}.pt"
 
     def finetune(self, method: str, fold: int) -> Path:
+        with folder_lock(self.run.fold(method, fold)):
+            return self._finetune(method, fold)
+
+    def _finetune(self, method: str, fold: int) -> Path:
         folder = self.run.fold(method, fold)
         if self._done(folder, "finetune", self.fold_hashes[method], clear=True, method=method, fold=fold):
             return self.fold_checkpoint(method, fold)
@@ -135,6 +163,11 @@ class Study:
         return checkpoint
 
     def predict(self, method: str, fold: int) -> None:
+        """:meth:`_predict` while holding the fold folder's lock."""
+        with folder_lock(self.run.fold(method, fold)):
+            self._predict(method, fold)
+
+    def _predict(self, method: str, fold: int) -> None:
         """Probability maps of the tuning fold (into the fold folder) and of the test fold (into
         ``RUN/{method}/predictions``). Files already written are kept (writes are atomic).
 
@@ -202,6 +235,11 @@ class Study:
             _log(f"{method}: test folds {missing} not finished yet; run them (sap cv --folds "
                  f"{','.join(map(str, missing))}), then sap report --run {self.run.root}")
             return False
+        # sap report and the last of several split runs may finalize at once: one does, the other waits
+        with folder_lock(self.run.evaluation(method), wait=True, on_wait=_log):
+            return self._finalize(method)
+
+    def _finalize(self, method: str) -> bool:
         folder = self.run.method(method)
         marker = read_marker(folder, "finalize")
         # an evaluation stored by an older sap with another FROC mode is redone (it is cheap)
@@ -290,8 +328,9 @@ class Study:
                                     s.threshold, s.min_volume_ml, s.connectivity))
 
         out = self.run.evaluation(method)
-        _, summary = stages.evaluate_pairs(pairs, settings_by_case, summary_settings, out, on_case=on_case)
-        write_regions(out / "regions.csv", rows)
+        # patients.csv, lesions.csv, summary.json and regions.csv are published together
+        _, summary = stages.evaluate_pairs(pairs, settings_by_case, summary_settings, out, on_case=on_case,
+                                           extra=lambda: {"regions.csv": lambda p: write_regions(p, rows)})
         return summary
 
     # -------------------------------------------------------------- export
@@ -376,12 +415,24 @@ def run_study(
     """
     chosen = parse_methods(methods, cfg.cv.methods)
     fold_list = parse_folds(folds, cfg.cv.k)  # before anything is written
-    study = Study(cfg, overwrite=overwrite)
-    all_folds = fold_list == study.splits.test_folds
-    save_config(cfg, study.run.config)
-    write_manifest(study.run, cfg, chosen)
+    all_folds = fold_list == list(range(1, cfg.cv.k))
     if export is not None and not all_folds:
         raise SapError("--export needs every test fold: run without --folds (finished folds are reused)")
+    if export is not None:  # a bundle folder is replaced whole: it must not hold the fold models or data
+        from sap.files import check_not_input
+
+        run = RunDir.of(cfg.out)
+        check_not_input([Path(export) / m for m in chosen], [*(run.method(m) for m in chosen), cfg.data.root],
+                        replaced_folder=True)
+    if report and all_folds:  # the report folder is rebuilt whole: refuse a user's file in it now, not at the end
+        from sap.cv.report import check_report_folder
+
+        check_report_folder(RunDir.of(cfg.out))
+    # every case the study reads is checked before anything is written or trained
+    pretraining = any(PRETRAIN_OF[m] is not None for m in chosen)
+    study = Study(cfg, overwrite=overwrite, validate=("patients", "healthy") if pretraining else ("patients",))
+    save_config(cfg, study.run.config)
+    write_manifest(study.run, cfg, chosen)
     runner = progress if isinstance(progress, Progress) else Progress(enabled=progress)
     tasks = plan_tasks(study, chosen, fold_list, Path(export) if export else None, report=report and all_folds)
     try:

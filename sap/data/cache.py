@@ -25,6 +25,8 @@ from sap.data.preprocess import preprocess_case
 from sap.files import staged_folder
 
 CACHE_FORMAT = 1
+#: the cache folder inside a cohort when ``data.cache_dir`` is not set
+CACHE_NAME = ".sap_cache"
 _SETTINGS = ("channels", "modality", "normalization", "percentiles", "ct_window", "target_spacing",
              "n4", "resample_channels", "binarize")
 
@@ -83,7 +85,7 @@ def cache_root(cfg: DataConfig) -> Path:
     if cfg.cache_dir:
         return Path(cfg.cache_dir)
     if cfg.root:
-        return Path(cfg.root) / ".sap_cache"
+        return Path(cfg.root) / CACHE_NAME
     return Path.home() / ".cache" / "sap"
 
 
@@ -126,6 +128,11 @@ def _open_entry(folder: Path) -> CachedCase:
         geometry=_geometry_from_json(meta["geometry"]),
         path=folder,
     )
+
+
+def is_cached(case: Case, cfg: DataConfig) -> bool:
+    """True when the case's current files are in the cache (read and checked before)."""
+    return (cache_root(cfg) / f"{case.case_id}-{cache_key(case, cfg)}" / "meta.json").is_file()
 
 
 def load_cached(case: Case, cfg: DataConfig) -> CachedCase:

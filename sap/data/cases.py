@@ -33,7 +33,7 @@ SKELETON_NAMES = ("skeleton",)
 
 
 def read_cohort_json(root: str | Path | None, strict: bool = True) -> dict[str, Any] | None:
-    """``ROOT/cohort.json`` without its per-case records; None when the cohort has none.
+    """``ROOT/cohort.json`` without its per-case records and file list; None when the cohort has none.
 
     An unreadable file is a :class:`SapError`, or None when not ``strict`` (a report still builds).
     """
@@ -52,7 +52,7 @@ def read_cohort_json(root: str | Path | None, strict: bool = True) -> dict[str, 
         if not strict:
             return None
         raise SapError(f"{path}: not a JSON object")
-    return {k: v for k, v in meta.items() if k != "cases"}
+    return {k: v for k, v in meta.items() if k not in ("cases", "files")}
 
 
 @dataclass

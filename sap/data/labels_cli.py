@@ -48,13 +48,14 @@ def run(args: argparse.Namespace) -> int:
         read_label_map,
     )
     from sap.errors import SapError
-    from sap.files import check_writable
+    from sap.files import check_not_input, check_writable
 
     if args.labels_command == "from-totalseg":
         from pathlib import Path
 
         output = Path(args.output)
-        check_writable(output, args.overwrite)  # refuse before any work
+        check_not_input([output], [args.input, args.class_map])  # refuse before any work
+        check_writable(output, args.overwrite)
         tables = load_class_map(args.class_map)
         if args.table not in tables:
             raise SapError(f"{args.class_map or 'shipped class map'}: no table {args.table!r} "

@@ -21,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "folders of them) instead of the procedural phantom",
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives byte-identical files")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing cohort folder (one holding cohort.json)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing cohort written by sap synth; refused when the folder holds "
+                        "anything its cohort.json does not list")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: up to 4, at most the CPU count); results do not depend on it")
 
 

@@ -7,11 +7,12 @@ travel back.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,7 +22,7 @@ import numpy as np
 
 from sap.data.io import IMAGE_SUFFIXES, read_geometry, read_source_array, strip_image_suffix
 from sap.errors import SapError
-from sap.files import atomic_write_text, check_writable
+from sap.files import atomic_write_text, check_not_input, check_writable, folder_lock, publish_together
 from sap.metrics import (
     LESION_COLUMNS,
     PATIENT_COLUMNS,
@@ -255,12 +256,17 @@ def evaluate_folders(
     overwrite: bool = False,
     progress: bool = True,
     warn: Callable[[str], None] | None = None,
+    tune_on_file: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate every case of ``pred_dir`` against ``gt_dir`` and write the three outputs to
     ``out_dir`` (None: write nothing). Returns the summary (NaN as float NaN).
 
-    With ``tune_on`` (case ids), E9 picks the threshold (and, with ``tune_min_volume``, the
-    minimum volume) on those cases; the other cases are then evaluated at it.
+    With ``tune_on`` (case ids; read from ``tune_on_file`` when given), E9 picks the threshold
+    (and, with ``tune_min_volume``, the minimum volume) on those cases; the other cases are then
+    evaluated at it. Everything is checked before ``out_dir`` is created: existing outputs without
+    ``overwrite``, an output that is an input, the case pairs and grids. The three files are
+    published together (all or nothing, :func:`sap.files.publish_together`) while the main process
+    holds the folder's lock (:func:`sap.files.folder_lock`).
     """
     settings = settings or EvaluationSettings()
     # scipy.stats (Shapiro–Wilk in the summary) and pandas (the CSV writer) take seconds to import:
@@ -273,8 +279,22 @@ def evaluate_folders(
         for name in OUTPUT_FILES:
             check_writable(out / name, overwrite)
     pairs = find_case_pairs(Path(pred_dir), Path(gt_dir), allow_missing)
+    if out is not None:
+        tune_file = Path(tune_on_file) if tune_on_file else None
+        inputs = [p for pair in pairs for p in (pair.gt, pair.pred)] + [tune_file]
+        check_not_input([out / name for name in OUTPUT_FILES], inputs)
     if workers > 1:
         warm.join()  # never fork worker processes while another thread may hold the import lock
+    # everything is checked: the output folder is created (and locked) only now
+    with folder_lock(out) if out is not None else contextlib.nullcontext():
+        return _evaluate_pairs(pairs, out, settings, tune_on, tuning_objective, tune_min_volume,
+                               min_volume_grid, workers, overwrite, progress, warn, pred_dir, gt_dir)
+
+
+def _evaluate_pairs(pairs: list[CasePair], out: Path | None, settings: EvaluationSettings, tune_on: Sequence[str],
+                    tuning_objective: str, tune_min_volume: bool, min_volume_grid: Sequence[float], workers: int,
+                    overwrite: bool, progress: bool, warn: Callable[[str], None], pred_dir: str | Path,
+                    gt_dir: str | Path) -> dict[str, Any]:
 
     tuning: dict[str, Any] | None = None
     if tune_on:
@@ -319,14 +339,24 @@ def _warm_imports() -> None:
         importlib.import_module(name)
 
 
-def write_outputs(out: Path, results: Sequence[CaseResult], summary: dict[str, Any], overwrite: bool) -> None:
-    """``patients.csv``, ``lesions.csv`` (NaN as empty cells) and ``summary.json`` (NaN as null)."""
+def write_outputs(
+    out: Path,
+    results: Sequence[CaseResult],
+    summary: dict[str, Any],
+    overwrite: bool,
+    extra: Mapping[str, Callable[[Path], Any]] | None = None,
+) -> None:
+    """``patients.csv``, ``lesions.csv`` (NaN as empty cells) and ``summary.json`` (NaN as null),
+    plus ``extra`` files (name → writer of a path), published together: all or nothing."""
     import pandas as pd
 
     patients = pd.DataFrame([r.row for r in results], columns=list(PATIENT_COLUMNS))
     lesions = pd.DataFrame([row for r in results for row in r.lesion_rows()], columns=list(LESION_COLUMNS))
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "patients.csv", patients.to_csv(index=False, na_rep=""), overwrite=overwrite)
-    atomic_write_text(out / "lesions.csv", lesions.to_csv(index=False, na_rep=""), overwrite=overwrite)
     text = json.dumps(nan_to_none(summary), indent=2, allow_nan=False)
-    atomic_write_text(out / "summary.json", text + "\n", overwrite=overwrite)
+    writers: dict[str, Callable[[Path], Any]] = {
+        "patients.csv": lambda p: atomic_write_text(p, patients.to_csv(index=False, na_rep="")),
+        "lesions.csv": lambda p: atomic_write_text(p, lesions.to_csv(index=False, na_rep="")),
+        "summary.json": lambda p: atomic_write_text(p, text + "\n"),
+        **(extra or {}),
+    }
+    publish_together(out, writers, overwrite=overwrite)

@@ -98,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         workers=cfg.evaluate.workers,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        tune_on_file=args.tune_on if args.tune_on and Path(args.tune_on).is_file() else None,
     )
     _print_summary(summary, Path(args.out))
     return 0
@@ -135,6 +136,9 @@ def _run_compare(args: argparse.Namespace) -> int:
         shown[col] = shown[col].map(lambda v: "n/a" if v != v else f"{v:.4g}")
     sys.stdout.write(shown.to_string(index=False) + "\n")
     if args.out:
-        atomic_write_text(Path(args.out) / "significance.csv", table.to_csv(index=False, na_rep=""),
-                          overwrite=args.overwrite)
+        from sap.files import check_not_input
+
+        out = Path(args.out) / "significance.csv"
+        check_not_input([out], [Path(run) / name for run in args.compare for name in ("patients.csv", "lesions.csv")])
+        atomic_write_text(out, table.to_csv(index=False, na_rep=""), overwrite=args.overwrite)
     return 0

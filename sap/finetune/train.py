@@ -123,6 +123,12 @@ def build_model(
     model = build_swin_unetr(cfg.model, in_channels, N_CLASSES)
     if init == "scratch":
         return model
+    load_weights(model, check_pretrained(init, pretrained), expect=init, verbose=verbose)
+    return model
+
+
+def check_pretrained(init: str, pretrained: str | Path | None) -> Path:
+    """The pretrained checkpoint an ``ssl``/``sap`` init starts from; an error when it is missing."""
     if pretrained is None:
         raise SapError(f"--init {init} needs pretrained weights (--pretrained CKPT)")
     path = Path(pretrained)
@@ -132,8 +138,33 @@ def build_model(
             f"{path}: pretrained checkpoint not found; run `sap pretrain --stage {stage}` into this run "
             "folder first, or pass --pretrained CKPT"
         )
-    load_weights(model, path, expect=init, verbose=verbose)
-    return model
+    return path
+
+
+def check_fold_run(cfg: Config, init: str, fold: int, pretrained: str | Path | None, resume: bool = False) -> None:
+    """Everything a fine-tuning run can refuse, checked before anything is written (no folder,
+    no ``splits.json``): the test fold, the cohort and its lesion masks, the pretrained weights,
+    and a pretrained checkpoint that is one of this run's outputs (not needed to ``resume``)."""
+    k = cfg.cv.k
+    if not 1 <= fold < k:
+        raise SapError(f"--fold {fold}: test folds are 1…{k - 1} (fold 0 is the threshold-tuning fold; cv.k = {k})")
+    _labelled_patients(cfg)
+    if canonical_init(init) != "scratch" and not resume:
+        path = check_pretrained(init, pretrained)
+        from sap.files import check_not_input
+        from sap.run_layout import STAGE_FILES
+
+        out = method_dir(cfg, init, fold)
+        check_not_input([out / name for name in STAGE_FILES], [path])
+
+
+def _labelled_patients(cfg: Config):
+    cohort = discover_cohort(cfg.data, require=("patients",))
+    unlabelled = [c.case_id for c in cohort.patients if c.lesions is None]
+    if unlabelled:
+        shown = ", ".join(unlabelled[:5]) + (" …" if len(unlabelled) > 5 else "")
+        raise SapError(f"{cfg.data.root}: patient exams without a lesion mask: {shown}")
+    return cohort
 
 
 def lesion_class_counts(cases: list[CachedCase]) -> np.ndarray:
@@ -158,11 +189,7 @@ def load_fold_data(cfg: Config, fold: int, progress: bool = True) -> FoldData:
     Validation cases come from the training folds, grouped by subject (SPEC §4); the test fold is
     never read here.
     """
-    cohort = discover_cohort(cfg.data, require=("patients",))
-    unlabelled = [c.case_id for c in cohort.patients if c.lesions is None]
-    if unlabelled:
-        shown = ", ".join(unlabelled[:5]) + (" …" if len(unlabelled) > 5 else "")
-        raise SapError(f"{cfg.data.root}: patient exams without a lesion mask: {shown}")
+    cohort = _labelled_patients(cfg)
     splits = load_or_create_splits(Path(cfg.out), cohort, cfg)
     if fold not in splits.test_folds:
         raise SapError(
@@ -286,6 +313,7 @@ def run_finetune(
     out = method_dir(cfg, init, fold)
     if pretrained is None:
         pretrained = default_pretrained(cfg, init)
+    check_fold_run(cfg, init, fold, pretrained, resume)  # refuse before anything is written
     f = cfg.finetune
     spec = StageSpec(
         kind=KIND, out_dir=out, config=cfg, max_steps=f.max_steps, val_every=f.val_every_steps, metric="val_f2",

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -35,8 +34,8 @@ from sap.data.cases import Case
 from sap.data.io import Geometry, read_image, write_image
 from sap.data.labels import check_skeleton
 from sap.data.preprocess import body_mask, load_case, normalise, resample_to_spacing
-from sap.errors import SapError
-from sap.files import atomic_write_text, publish_files, staging_folder
+from sap.errors import SapError, WriteError
+from sap.files import atomic_write_text, check_not_input, folder_lock, publish_together
 from sap.infer.inputs import InputCase, attach_skeletons, discover_inputs
 from sap.infer.lesions import (
     LESION_COLUMNS,
@@ -351,20 +350,20 @@ Per case (CASE = the input's case id), all in the geometry of the input image:
         pass
 
 
-def _stage_and_publish(out: Path, case_id: str, writers: dict[str, Any], overwrite: bool) -> list[Path]:
-    """Write every output into a hidden staging folder, then rename each into ``out``.
+def _case_outputs(item: InputCase, options: InferOptions, skeletal: InferenceModel | None) -> list[str]:
+    regions = item.skeleton is not None or skeletal is not None
+    return output_names(item.case_id, regions, options.dicom_seg and item.dicom_series is not None)
 
-    A failure before the renames leaves nothing behind; existing files are only replaced with
-    ``overwrite`` (checked again here, right before publishing).
-    """
-    staging = staging_folder(out / case_id, parent=out)
-    try:
-        for name, write in writers.items():
-            write(staging / name)
-        _refuse_existing(out, list(writers), overwrite)
-        return publish_files(staging, writers, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+def check_inputs_are_not_outputs(
+    item: InputCase, out: Path, model: InferenceModel, options: InferOptions, skeletal: InferenceModel | None
+) -> None:
+    """Refuse a case whose outputs would replace one of its inputs (image, skeleton, model)."""
+    if item.case is None:
+        return
+    models = [Path(m.source) for m in (model, skeletal) if m is not None]
+    check_not_input([out / name for name in _case_outputs(item, options, skeletal)],
+                    [*item.case.channels.values(), item.skeleton, *(m for m in models if m.exists())])
 
 
 def infer_case(
@@ -386,8 +385,9 @@ def infer_case(
     dicom_seg = options.dicom_seg and item.dicom_series is not None
     if options.dicom_seg and not dicom_seg:
         print(f"sap infer: note: {case_id} is not a DICOM series input; no DICOM SEG written", file=sys.stderr)
-    names = output_names(case_id, regions, dicom_seg)
+    names = _case_outputs(item, options, skeletal)
     _refuse_existing(out, names, options.overwrite)
+    check_inputs_are_not_outputs(item, out, model, options, skeletal)
     settings = _settings(model, options)
 
     prepared = prepare_image(item.case, model.data)
@@ -434,8 +434,8 @@ def infer_case(
     writers[f"{case_id}_summary.json"] = lambda p: atomic_write_text(
         p, json.dumps({**summary, "seconds": round(time.perf_counter() - start, 3)}, indent=2) + "\n"
     )
-    out.mkdir(parents=True, exist_ok=True)
-    published = _stage_and_publish(out, case_id, writers, options.overwrite)
+    # every file of the case is written into a staging folder, then all are renamed into place
+    published = publish_together(out, writers, options.overwrite)
     return CaseResult(case_id, True, published, n, time.perf_counter() - start)
 
 
@@ -480,9 +480,19 @@ def run_inference(
         attach_skeletons(cases, skeleton)
     if out.exists() and not out.is_dir():
         raise SapError(f"{out}: output exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    write_readme(out)
+    for item in cases:  # before any work: no output may replace an input
+        check_inputs_are_not_outputs(item, out, lesion_model, options, skeletal)
+    # the folder is created (and locked) when work starts, and holds README.txt once a case is done:
+    # a run that finishes no case leaves no folder behind (the lock removes the one it created)
+    with folder_lock(out):
+        return _infer_all(cases, out, lesion_model, options, skeletal)
 
+
+def _infer_all(
+    cases: list[InputCase], out: Path, lesion_model: InferenceModel, options: InferOptions,
+    skeletal: InferenceModel | None,
+) -> InferenceReport:
+    """Every case in turn; each is published whole (a killed run keeps the finished ones)."""
     from tqdm.auto import tqdm
 
     results: list[CaseResult] = []
@@ -491,8 +501,8 @@ def run_inference(
         bar.set_postfix_str(item.case_id)
         try:
             results.append(infer_case(item, out, lesion_model, options, skeletal))
-        except (KeyboardInterrupt, SystemExit):
-            raise
+        except (KeyboardInterrupt, SystemExit, WriteError):
+            raise  # a full disk or an unwritable folder fails every later case too: stop here
         except Exception as exc:  # one bad exam must not stop the others
             message = str(exc) if isinstance(exc, SapError) else f"{type(exc).__name__}: {exc}"
             message = message.strip().splitlines()[0] if message.strip() else type(exc).__name__
@@ -503,4 +513,6 @@ def run_inference(
         finally:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+        if results[-1].ok:
+            write_readme(out)
     return InferenceReport(results)

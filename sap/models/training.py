@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from sap.config import Config, config_differences, save_config
 from sap.errors import SapError
-from sap.files import write_json
+from sap.files import folder_lock, make_folder, write_error, write_json
 from sap.memory import keep_freed_memory, return_freed_memory
 from sap.models.weights import (
     CHECKPOINT_FORMAT,
@@ -213,10 +213,13 @@ class RunLogger:
         if resume_step is not None and self.path.is_file():
             with self.path.open(newline="") as handle:
                 kept = [row for row in csv.DictReader(handle) if int(row["step"]) <= resume_step]
-        with self.path.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=self.columns, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(kept)
+        try:
+            with self.path.open("w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=self.columns, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(kept)
+        except OSError as exc:
+            raise write_error(self.path, exc) from exc
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -231,9 +234,12 @@ class RunLogger:
         unknown = set(values) - set(self.columns)
         if unknown:
             raise SapError(f"{self.path}: log values {sorted(unknown)} are not columns of this run")
-        with self.path.open("a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=self.columns)
-            writer.writerow({"step": step, **{k: _fmt(v) for k, v in values.items()}})
+        try:
+            with self.path.open("a", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=self.columns)
+                writer.writerow({"step": step, **{k: _fmt(v) for k, v in values.items()}})
+        except OSError as exc:
+            raise write_error(self.path, exc) from exc
         if self._writer is not None:
             for key, value in values.items():
                 if value is not None and math.isfinite(float(value)):
@@ -346,7 +352,7 @@ def prepare_out_dir(folder: Path, resume: bool, overwrite: bool) -> None:
     existing = check_out_dir(folder, resume, overwrite)
     if resume:
         return
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder)
     if overwrite:
         for name in existing:
             (folder / name).unlink()
@@ -494,7 +500,8 @@ def run_stage(
 ) -> StageResult:
     """Run (or resume) one training stage; everything but its parts is done here.
 
-    The runner makes the accelerator, applies the output-folder policy (:func:`prepare_out_dir`),
+    The runner makes the accelerator, locks the stage folder (main process only,
+    :func:`sap.files.folder_lock`), applies the output-folder policy (:func:`prepare_out_dir`),
     refuses a ``--resume`` with other settings (:func:`read_resumable`), seeds torch, Python and
     the stage's numpy generator, calls ``setup``, restores weights and training state, runs
     :func:`train_loop` with the progress bar, validates every ``spec.val_every`` steps and after
@@ -506,8 +513,19 @@ def run_stage(
     ``--resume``). Only the main process writes.
     """
     started = time.perf_counter()
-    out = Path(spec.out_dir)
     accelerator = make_accelerator(spec.amp)
+    # the main process locks the stage folder (created here, when work starts; removed again when a
+    # failed start left it empty); accelerate's other ranks write nothing and take no lock
+    with folder_lock(spec.out_dir) if accelerator.is_main_process else contextlib.nullcontext():
+        return _run_locked(spec, setup, accelerator, started, resume, overwrite, progress, stop_after)
+
+
+def _run_locked(
+    spec: StageSpec, setup: Callable[[StageContext], StageParts], accelerator: Any, started: float, resume: bool,
+    overwrite: bool, progress: bool, stop_after: int | None,
+) -> StageResult:
+    """:func:`run_stage` while the main process holds the stage folder's lock."""
+    out = Path(spec.out_dir)
     main = accelerator.is_main_process
     if main:
         prepare_out_dir(out, resume, overwrite)

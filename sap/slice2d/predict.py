@@ -220,6 +220,11 @@ def predict_cases(
         check_writable(out / f"{case_id}_lesions.nii.gz", overwrite)
     if gt is not None:
         check_writable(out / "metrics2d.csv", overwrite)
+    from sap.files import check_not_input
+
+    boxes = [Path(boxes_from) / f"{c}_{kind}.nii.gz" for c, _ in cases for kind in ("lesions", "prob")] if boxes_from else []
+    check_not_input([out / f"{c}_{kind}.nii.gz" for c, _ in cases for kind in ("prob", "lesions")],
+                    [*(path for _, path in cases), *boxes])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model_dir(model_dir, device) if model_dir is not None else None
     prompter = None

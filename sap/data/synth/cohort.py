@@ -213,6 +213,48 @@ def _run_jobs(jobs: list[ExamJob], out: Path, workers: int) -> Iterator[dict]:
         yield from pool.map(write_exam, jobs, [out] * len(jobs))
 
 
+def cohort_files(meta: dict) -> set[str]:
+    """Paths (relative, POSIX) of every file ``sap synth`` wrote into a cohort, from its
+    ``cohort.json``: its ``files`` list, or for cohorts written before it was recorded, the files
+    each case record implies (channels, skeleton, GT) and the ``subjects.csv`` of each group."""
+    if isinstance(meta.get("files"), list):
+        listed = {str(f) for f in meta["files"]}
+    else:
+        listed = set()
+        channels = [str(c) for c in meta.get("channels", [])]
+        for record in meta.get("cases", []):
+            group, case = record.get("group"), record.get("case_id")
+            names = [*channels, "skeleton"] + (["GT"] if group == "patients" else [])
+            listed |= {f"{group}/{case}/{name}.nii.gz" for name in names}
+        listed |= {f"{g}/subjects.csv" for g in GROUP_CODES}
+    return listed | {"cohort.json"}
+
+
+def _foreign_files(out: Path) -> list[Path]:
+    """Entries of an existing cohort folder that ``sap synth`` did not write (its cache aside)."""
+    from sap.data.cache import CACHE_NAME
+
+    try:
+        meta = json.loads((out / "cohort.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise SapError(f"{out / 'cohort.json'}: cannot read it ({exc}); refusing to replace {out}") from exc
+    listed = cohort_files(meta if isinstance(meta, dict) else {})
+    folders = {str(Path(f).parent.as_posix()) for f in listed}
+    folders |= {str(Path(f).parent.parent.as_posix()) for f in listed}
+    foreign = []
+    for path in sorted(out.rglob("*")):
+        rel = path.relative_to(out).as_posix()
+        if rel == CACHE_NAME or rel.startswith(CACHE_NAME + "/"):
+            continue  # sap's preprocessing cache of this cohort: stale once the cohort is replaced
+        if path.is_dir() and not path.is_symlink():
+            if rel not in folders:
+                foreign.append(path)
+        elif rel not in listed:
+            foreign.append(path)
+    # report a foreign folder once, not every file inside it
+    return [p for p in foreign if not any(q in p.parents for q in foreign)]
+
+
 def _prepare_output(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise SapError(f"{out}: output exists and is not a folder")
@@ -221,6 +263,12 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
             raise SapError(f"{out}: output folder exists and is not empty; pass --overwrite to replace it")
         if not (out / "cohort.json").is_file():
             raise SapError(f"{out}: not a sap cohort (no cohort.json); refusing to replace it, choose another --out")
+        foreign = _foreign_files(out)
+        if foreign:
+            more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+            raise SapError(f"{foreign[0]}: not written by sap synth (not listed in {out / 'cohort.json'}){more}; "
+                           "--overwrite replaces only a cohort holding nothing else: move it away or choose "
+                           "another --out")
 
 
 def make_cohort(
@@ -250,6 +298,10 @@ def make_cohort(
         raise SapError(f"--modality {modality!r}: choose one of {', '.join(CHANNELS)}")
     if seed < 0:
         raise SapError(f"--seed {seed}: must be a non-negative integer")
+    if anatomy is not None:
+        from sap.files import check_not_input
+
+        check_not_input([out], [anatomy], replaced_folder=True)
     _prepare_output(out, overwrite)
     sources = None
     if anatomy is not None:
@@ -299,6 +351,11 @@ def make_cohort(
             "n_patients": sum(r["group"] == "patients" for r in records),
             "n_lesions": sum(r["n_lesions"] for r in records),
             "cases": records,
+            # every file written: --overwrite replaces a cohort only when it holds nothing else
+            "files": sorted(
+                [f"{g}/subjects.csv" for g in GROUP_CODES]
+                + [p.relative_to(tmp).as_posix() for p in tmp.rglob("*.nii.gz")]
+            ),
         }
         atomic_write_text(tmp / "cohort.json", json.dumps(cohort, indent=1, sort_keys=True) + "\n")
         _prepare_output(out, overwrite)  # re-check: someone may have written there meanwhile
