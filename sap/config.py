@@ -356,7 +356,8 @@ def _build(cls: type, raw: dict[str, Any], prefix: str, problems: list[str]) -> 
         return cls()
     for key, value in raw.items():
         if key not in hints:
-            problems.append(f"{prefix}{key}: unknown key")
+            shown = str(key) if len(str(key)) <= 60 else str(key)[:57] + "…"
+            problems.append(f"{prefix}{shown}: unknown key")
             continue
         annotation = hints[key]
         if dataclasses.is_dataclass(annotation):
@@ -421,7 +422,9 @@ def config_from_dict(raw: dict[str, Any], source: str = "<config>") -> Config:
     if not problems:
         _check_values(cfg, problems)
     if problems:
-        raise ConfigError(f"{source}: invalid config: " + "; ".join(problems))
+        shown = [p if len(p) <= 200 else p[:197] + "…" for p in problems[:10]]
+        more = f"; and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise ConfigError(f"{source}: invalid config: " + "; ".join(shown) + more)
     return cfg
 
 

@@ -146,9 +146,12 @@ def _nifti_header(path: Path) -> Any:
     try:
         with opener(path, "rb") as handle:  # type: ignore[operator]
             raw = handle.read(540)
-        size = int.from_bytes(raw[:4], "little")
-        klass = nib.Nifti2Header if size in (540, 540 << 24) else nib.Nifti1Header
-        return klass.from_fileobj(BytesIO(raw), check=False)
+        sizes = {int.from_bytes(raw[:4], "little"), int.from_bytes(raw[:4], "big")}
+        if 348 in sizes:
+            return nib.Nifti1Header.from_fileobj(BytesIO(raw), check=False)
+        if 540 in sizes:
+            return nib.Nifti2Header.from_fileobj(BytesIO(raw), check=False)
+        return None
     except Exception:
         return None
 
