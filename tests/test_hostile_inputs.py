@@ -128,7 +128,16 @@ def test_item6_datalist_case_id_that_is_not_one_path_component(tmp_path, capsys,
     cfg.cache_dir = str(tmp_path / "cache" / "a" / "b")
     with pytest.raises(SapError, match="one path component"):
         load_cached(case, cfg)
+    # sap infer's outputs are named by the case id too: refused before anything is read or written
+    from sap.infer import InferenceModel, InferOptions
+    from sap.infer.inputs import InputCase
+    from sap.infer.pipeline import infer_case
+
+    model = InferenceModel.from_module(torch.nn.Conv3d(1, 2, 1), ["T1"], roi_size=(16, 16, 16))
+    with pytest.raises(SapError, match="one path component"):
+        infer_case(InputCase(case_id, case), tmp_path / "out" / "a", model, InferOptions(progress=False))
     assert not (tmp_path / "cache").exists() and not (tmp_path / "escaped").exists()
+    assert not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------------------------ item 7
