@@ -8,10 +8,13 @@ value parsed as YAML so ``--set finetune.max_steps=20`` gives an int.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
+import math
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -46,6 +49,12 @@ class DataConfig:
     target_spacing: list[float] | None = None  #: mm, array axis order; None keeps the source spacing
     n4: bool = False  #: N4 bias-field correction (SimpleITK) before normalisation
     cache_dir: str | None = None  #: default ``ROOT/.sap_cache``
+    #: largest image (voxels) read; a header declaring more is refused before any allocation
+    max_voxels: int = 1_000_000_000
+    #: DICOM folders holding several series: the SeriesInstanceUID to read (default: refuse, listing them)
+    dicom_series: str | None = None
+    #: DICOM slice gaps may differ from the median gap by this fraction of it (missing slices are refused)
+    dicom_slice_tolerance: float = 0.01
 
 
 @dataclass
@@ -226,9 +235,10 @@ class Config:
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
-#: Keys that say where inputs and outputs are, not what is computed: hashes of settings and the
-#: resume check ignore them, so a run folder or cohort can move.
-PATH_KEYS = ("out", "data.root", "data.healthy", "data.patients", "data.cache_dir")
+#: Keys that say where inputs and outputs are (or only which inputs are accepted), not what is
+#: computed: hashes of settings and the resume check ignore them, so a run folder or cohort can move.
+PATH_KEYS = ("out", "data.root", "data.healthy", "data.patients", "data.cache_dir", "data.max_voxels",
+             "data.dicom_series", "data.dicom_slice_tolerance")
 #: Keys that change only how fast results come (worker processes); a resume may change them. Step
 #: hashes keep them, so stored studies keep their hashes.
 WORKER_KEYS = ("pretrain.num_workers", "finetune.num_workers", "evaluate.workers")
@@ -312,6 +322,17 @@ def _type_ok(value: Any, annotation: Any) -> tuple[bool, Any]:
     return isinstance(value, annotation), value
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict = 2, 40, 40, 4, 4
+#: largest config file read (bytes): configs are a few kB; more is a mistake or an attack
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def short_repr(value: Any) -> str:
+    """A bounded ``repr`` for messages: never walks more than a few items of a nested value."""
+    return _SHORT.repr(value)
+
+
 def _type_name(annotation: Any) -> str:
     return str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
@@ -323,8 +344,8 @@ def _problem(dotted: str, value: Any, annotation: Any) -> str:
         allowed = typing.get_args(inner)
         items = value if inner is not annotation else [value]
         bad = next((v for v in items if not _type_ok(v, inner)[0]), value)
-        return f"{dotted}: {bad!r} is not one of {', '.join(map(str, allowed))}"
-    return f"{dotted}: expected {_type_name(annotation)}, got {value!r}"
+        return f"{dotted}: {short_repr(bad)} is not one of {', '.join(map(str, allowed))}"
+    return f"{dotted}: expected {_type_name(annotation)}, got {short_repr(value)}"
 
 
 def _build(cls: type, raw: dict[str, Any], prefix: str, problems: list[str]) -> Any:
@@ -335,7 +356,8 @@ def _build(cls: type, raw: dict[str, Any], prefix: str, problems: list[str]) -> 
         return cls()
     for key, value in raw.items():
         if key not in hints:
-            problems.append(f"{prefix}{key}: unknown key")
+            shown = str(key) if len(str(key)) <= 60 else str(key)[:57] + "…"
+            problems.append(f"{prefix}{shown}: unknown key")
             continue
         annotation = hints[key]
         if dataclasses.is_dataclass(annotation):
@@ -349,10 +371,41 @@ def _build(cls: type, raw: dict[str, Any], prefix: str, problems: list[str]) -> 
     return cls(**kwargs)
 
 
+#: learning rates: each must be finite and positive (a NaN rate trains to NaN weights silently)
+LEARNING_RATES = (
+    "pretrain.lr", "finetune.lr_scratch", "finetune.lr_ssl_encoder", "finetune.lr_ssl_decoder",
+    "finetune.lr_sap_encoder", "finetune.lr_sap_decoder", "slice2d.lr", "slice2d.unet_lr",
+)
+
+
 def _check_values(cfg: Config, problems: list[str]) -> None:
     """Rules between values that a type cannot state."""
-    if len(cfg.model.patch_size) != 3 or any(p % 32 for p in cfg.model.patch_size):
-        problems.append(f"model.patch_size: {cfg.model.patch_size} must be three sizes divisible by 32")
+    patch = cfg.model.patch_size
+    if len(patch) != 3 or any(p < 32 or p % 32 for p in patch):
+        problems.append(f"model.patch_size: {short_repr(patch)} must be three sizes divisible by 32")
+    elif all(p == 32 for p in patch):
+        # Swin UNETR halves the patch five times (÷32); its bottleneck instance norm needs more
+        # than one voxel, so at least one axis must be 64 or more
+        problems.append(
+            f"model.patch_size: {patch} leaves a 1×1×1 bottleneck after Swin UNETR's five halvings "
+            "(÷32), which cannot be trained; make at least one axis 64 or more (e.g. 64, 64, 64)"
+        )
+    for dotted in LEARNING_RATES:
+        section, name = dotted.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if not (math.isfinite(value) and value > 0):
+            problems.append(f"{dotted}: {value} must be a finite positive learning rate")
+    channels = cfg.data.channels
+    twice = sorted({c for c in channels if channels.count(c) > 1})
+    if twice:
+        problems.append(f"data.channels: {', '.join(twice)} listed twice in {short_repr(channels)}; each channel is one file")
+    if not channels:
+        problems.append("data.channels: at least one channel is needed")
+    if cfg.data.max_voxels < 1:
+        problems.append(f"data.max_voxels: {cfg.data.max_voxels} must be positive")
+    tol = cfg.data.dicom_slice_tolerance
+    if not (math.isfinite(tol) and tol >= 0):
+        problems.append(f"data.dicom_slice_tolerance: {tol} must be a finite fraction >= 0")
     if cfg.model.feature_size % 12:
         problems.append(f"model.feature_size: {cfg.model.feature_size} must be a multiple of 12")
     pf = cfg.slice2d.positive_fraction
@@ -369,8 +422,33 @@ def config_from_dict(raw: dict[str, Any], source: str = "<config>") -> Config:
     if not problems:
         _check_values(cfg, problems)
     if problems:
-        raise ConfigError(f"{source}: invalid config: " + "; ".join(problems))
+        shown = [p if len(p) <= 200 else p[:197] + "…" for p in problems[:10]]
+        more = f"; and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise ConfigError(f"{source}: invalid config: " + "; ".join(shown) + more)
     return cfg
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases: a config never needs ``*name`` references, and
+    nested aliases expand to billions of values (an "alias bomb") in anything that walks them."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise ConfigError(
+                f"YAML alias *{short_repr(event.anchor)} at line {event.start_mark.line + 1}: "
+                "aliases are not accepted in configs; write the value out"
+            )
+        return super().compose_node(parent, index)
+
+
+def safe_yaml(text: str) -> Any:
+    """``yaml.safe_load`` without aliases (see :class:`_NoAliasLoader`)."""
+    loader = _NoAliasLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
@@ -387,12 +465,16 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
 def parse_override(text: str) -> tuple[str, Any]:
     """``"a.b=c"`` → ``("a.b", yaml-parsed c)``."""
     if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. finetune.max_steps=20")
+        raise ConfigError(f"--set {short_repr(text)}: expected KEY=VALUE, e.g. finetune.max_steps=20")
     key, value = text.split("=", 1)
+    if len(value) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"--set {key.strip()}: value longer than {MAX_CONFIG_BYTES} characters")
     try:
-        parsed = yaml.safe_load(value) if value != "" else None
+        parsed = safe_yaml(value) if value != "" else None
     except yaml.YAMLError:
         parsed = value
+    except ConfigError as exc:
+        raise ConfigError(f"--set {key.strip()}: {exc}") from exc
     return key.strip(), parsed
 
 
@@ -407,10 +489,17 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {size} bytes is too large for a config (at most {MAX_CONFIG_BYTES})")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = safe_yaml(path.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0][:200]})") from exc
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a text file ({exc.reason})") from exc
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{path}: a config must be a YAML mapping")
     return raw or {}
@@ -423,10 +512,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     elif str(path) in PRESETS and not Path(str(path)).exists():
         path = preset_path(str(path))
     raw = read_yaml(path)
-    for text in overrides or []:
+    if not overrides:
+        return config_from_dict(raw, source=str(path))
+    config_from_dict(copy.deepcopy(raw), source=str(path))  # the file's own problems are the file's
+    for text in overrides:
         key, value = parse_override(text)
         _set_dotted(raw, key, value)
-    return config_from_dict(raw, source=str(path))
+    try:
+        return config_from_dict(raw, source=str(path))
+    except ConfigError as exc:
+        # the file alone is valid, so the overrides are at fault: say so, not the file
+        given = ", ".join(t if len(t) <= 80 else t[:77] + "…" for t in overrides)
+        problems = str(exc).split(": invalid config: ", 1)[-1]
+        raise ConfigError(f"--set {given}: invalid override: {problems}") from exc
 
 
 def save_config(cfg: Config, path: str | Path) -> Path:

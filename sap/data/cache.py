@@ -19,7 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from sap.config import DataConfig
-from sap.data.cases import Case
+from sap.data.cases import Case, check_case_id
 from sap.data.io import Geometry
 from sap.data.preprocess import preprocess_case
 from sap.files import staged_folder
@@ -138,6 +138,7 @@ def is_cached(case: Case, cfg: DataConfig) -> bool:
 def load_cached(case: Case, cfg: DataConfig) -> CachedCase:
     """The cached, memory-mapped case; preprocesses and stores it first when missing."""
     root = cache_root(cfg)
+    check_case_id(case.case_id, next(iter(case.channels.values()), root))  # never a folder outside root
     folder = root / f"{case.case_id}-{cache_key(case, cfg)}"
     if (folder / "meta.json").is_file():
         return _open_entry(folder)

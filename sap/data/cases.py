@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,12 +87,36 @@ class Cohort:
         return {case.case_id: case for case in self.cases}
 
 
+def check_case_id(case_id: str, source: str | Path) -> str:
+    """A case id becomes file and folder names (cache entries, predictions, outputs): it must be
+    one path component. Refuses empty ids, ``.``/``..``, path separators and control characters,
+    naming ``source`` (the file or folder the id came from)."""
+    text = str(case_id)
+    shown = text if len(text) <= 80 else text[:77] + "…"
+    if not text.strip() or text in (".", "..") or "/" in text or "\\" in text or any(ord(ch) < 32 for ch in text):
+        raise SapError(
+            f"{source}: case id {shown!r} is not usable as a file name (one path component: no '/', '\\', "
+            "'..' or control characters)"
+        )
+    return text
+
+
+def broken_link(path: Path) -> bool:
+    """True for a symbolic link whose target does not exist."""
+    return path.is_symlink() and not path.exists()
+
+
 def find_image(folder: Path, stem: str) -> Path | None:
-    """``folder/stem.<any image suffix>`` or a DICOM series folder ``folder/stem/``."""
+    """``folder/stem.<any image suffix>`` or a DICOM series folder ``folder/stem/``.
+
+    A broken symbolic link of that name is an error naming the link and its target.
+    """
     for suffix in IMAGE_SUFFIXES:
         candidate = folder / f"{stem}{suffix}"
         if candidate.is_file():
             return candidate
+        if broken_link(candidate):
+            raise SapError(f"{candidate}: broken symbolic link (its target {os.readlink(candidate)} does not exist)")
     candidate = folder / stem
     if candidate.is_dir():
         return candidate
@@ -206,6 +231,7 @@ def _datalist(path: Path, group: str, channels: list[str], label_kind: str) -> l
             raise SapError(f"{path}: entry {index} has {len(images or [])} images, expected {len(channels)}")
         resolved = [(path.parent / p).resolve() for p in images]
         case_id = entry.get("case_id") or strip_image_suffix(Path(images[0]).name).removesuffix("_0000")
+        check_case_id(str(case_id), f"{path} (entry {index})")
         label = (path.parent / entry["label"]).resolve() if entry.get("label") else None
         cases.append(
             Case(
@@ -236,9 +262,11 @@ def discover_group(folder: Path, group: str, cfg: DataConfig) -> list[Case]:
 
 
 def check_ids(cases: list[Case]) -> None:
-    """Case-id collisions are errors before any work starts (SPEC §13)."""
+    """Case ids that are not one path component, and case-id collisions, are errors before any
+    work starts (SPEC §13)."""
     seen: dict[str, Case] = {}
     for case in cases:
+        check_case_id(case.case_id, next(iter(case.channels.values()), case.case_id))
         if case.case_id in seen:
             first = seen[case.case_id]
             raise SapError(

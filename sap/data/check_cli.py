@@ -19,6 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="what nnU-Net/datalist labels hold (default: data.label_kind)")
     parser.add_argument("--binarize", action="store_true", help="accept any non-zero lesion value as lesion")
     parser.add_argument("--splits", default=None, help="also validate this splits.json against the cohort")
+    parser.add_argument("--series", default=None, metavar="UID",
+                        help="DICOM folders holding several series: read this SeriesInstanceUID (data.dicom_series)")
     parser.add_argument("--quiet", action="store_true", help="print only problems and the verdict")
 
 
@@ -33,6 +35,8 @@ def run(args: argparse.Namespace) -> int:
         cfg.data.label_kind = args.label_kind
     if args.binarize:
         cfg.data.binarize = True
+    if args.series:
+        cfg.data.dicom_series = args.series
     if not cfg.data.root and not cfg.data.healthy and not cfg.data.patients:
         raise SapError("no data: pass --data COHORT")
 

@@ -51,9 +51,10 @@ def run(args: argparse.Namespace) -> int:
     from sap.files import check_not_input, check_writable
 
     if args.labels_command == "from-totalseg":
-        from pathlib import Path
 
-        output = Path(args.output)
+        from sap.data.io import check_image_name
+
+        output = check_image_name(args.output)
         check_not_input([output], [args.input, args.class_map])  # refuse before any work
         check_writable(output, args.overwrite)
         tables = load_class_map(args.class_map)

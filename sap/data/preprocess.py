@@ -19,7 +19,7 @@ from scipy import ndimage
 
 from sap.config import DataConfig
 from sap.data.cases import Case
-from sap.data.io import Geometry, Image, from_sitk, read_source_array, to_canonical, to_sitk
+from sap.data.io import Geometry, Image, ReadOptions, from_sitk, read_source_array, to_canonical, to_sitk
 from sap.data.labels import check_lesion_mask, check_skeleton
 from sap.errors import SapError
 from sap.memory import release_freed_memory
@@ -61,7 +61,8 @@ def load_case(case: Case, cfg: DataConfig, n4: bool | None = None) -> LoadedCase
     """
     channel_paths = list(case.channels.values())
     reference_path = channel_paths[0]
-    reference_source, reference_geometry = read_source_array(reference_path)
+    options = ReadOptions.of(cfg)
+    reference_source, reference_geometry = read_source_array(reference_path, options)
 
     def on_grid(path: Path, is_label: bool) -> np.ndarray:
         """The file's canonical array on the reference grid (a view where possible)."""
@@ -70,7 +71,7 @@ def load_case(case: Case, cfg: DataConfig, n4: bool | None = None) -> LoadedCase
             source, geometry = reference_source, reference_geometry
             reference_source = None  # the slot copy is kept; the file's array can go
         else:
-            source, geometry = read_source_array(path)
+            source, geometry = read_source_array(path, options)
         problem = geometry.same_grid(reference_geometry)
         if problem is None:
             return to_canonical(source, geometry)

@@ -202,8 +202,16 @@ def make_splits(cohort: Cohort, cfg: Config, burden: dict[str, int] | None = Non
 
 def splits_from_json(raw: dict, source: str, cohort: Cohort | None = None) -> Splits:
     """Parse and validate a splits file (edited files included)."""
+    if not isinstance(raw, dict):
+        raise SapError(f"{source}: malformed splits file (not a JSON object)")
     try:
         k = int(raw["k"])
+        stored = sorted(str(f) for f in raw["folds"])
+        if stored != sorted(str(i) for i in range(k)):
+            raise SapError(
+                f"{source}: says k={k} but holds folds {', '.join(stored[:10])}; a splits file made for another k "
+                "(edit it back, or move it away so sap makes a new one)"
+            )
         folds = [list(map(str, raw["folds"][str(i)])) for i in range(k)]
         subjects = {str(c): str(s) for c, s in raw["subjects"].items()}
         validation = {int(f): list(map(str, ids)) for f, ids in raw.get("validation", {}).items()}
@@ -219,8 +227,10 @@ def splits_from_json(raw: dict, source: str, cohort: Cohort | None = None) -> Sp
             tuning_in_training=bool(raw.get("tuning_in_training", True)),
             val_fraction=float(raw.get("val_fraction", 0.1)),
         )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise SapError(f"{source}: malformed splits file ({exc!r})") from exc
+    except KeyError as exc:
+        raise SapError(f"{source}: malformed splits file (no {str(exc.args[0])[:40]!r} entry)") from exc
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise SapError(f"{source}: malformed splits file ({type(exc).__name__}: {str(exc)[:120]})") from exc
     validate_splits(splits, source, cohort)
     return splits
 
@@ -245,7 +255,22 @@ def validate_splits(splits: Splits, source: str, cohort: Cohort | None = None) -
         inside = [c for c in ids if seen.get(c) == fold or c not in seen]
         if inside:
             raise SapError(f"{source}: validation cases of fold {fold} are in the test fold or unknown: {inside[:5]}")
+    overlap = sorted(set(splits.pretrain_train) & set(splits.pretrain_val))
+    if overlap:
+        raise SapError(f"{source}: healthy cases in both the pretraining training and validation sets: {', '.join(overlap[:5])}")
     if cohort is not None:
+        healthy = {c.case_id: c.subject_id for c in cohort.healthy}
+        listed = [*splits.pretrain_train, *splits.pretrain_val]
+        unknown_healthy = sorted({c for c in listed if c not in healthy})
+        if unknown_healthy and healthy:
+            raise SapError(f"{source}: pretraining cases not among the healthy exams: {', '.join(unknown_healthy[:5])}")
+        train_subjects = {healthy[c] for c in splits.pretrain_train if c in healthy}
+        shared = sorted(train_subjects & {healthy[c] for c in splits.pretrain_val if c in healthy})
+        if shared:
+            raise SapError(
+                f"{source}: subject(s) {', '.join(shared[:5])} in both the pretraining training and validation "
+                "sets; every exam of a subject belongs to one of them"
+            )
         known = {c.case_id for c in cohort.patients}
         absent = sorted(known - set(seen))
         unknown = sorted(set(seen) - known)
@@ -269,7 +294,10 @@ def load_or_create_splits(run_dir: str | Path, cohort: Cohort, cfg: Config) -> S
             raise SapError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
         splits = splits_from_json(raw, str(path), cohort)
         if splits.k != cfg.cv.k:
-            raise SapError(f"{path}: has k={splits.k} but the config asks cv.k={cfg.cv.k}")
+            raise SapError(
+                f"{path}: made for k={splits.k} but the config asks cv.k={cfg.cv.k}; set --set cv.k={splits.k}, "
+                f"or use another --out (the folds in this run were made for k={splits.k})"
+            )
         return splits
     splits = make_splits(cohort, cfg)
     atomic_write_text(path, json.dumps(splits.to_json(), indent=1) + "\n")

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from sap.data.geometry import Geometry, from_canonical, to_canonical
 from sap.data.io import IMAGE_SUFFIXES, read_geometry, read_source_array, strip_image_suffix
 from sap.errors import SapError
 from sap.files import atomic_write_text, check_not_input, check_writable, folder_lock, publish_together
@@ -163,6 +164,17 @@ def _read(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
     return np.ascontiguousarray(source_xyz.T), tuple(float(s) for s in reversed(geometry.spacing))  # type: ignore
 
 
+def _in_orientation_of(source_xyz: np.ndarray, geometry: Geometry, target: Geometry) -> np.ndarray:
+    """Voxels of a file in the (x, y, z) index order of another file on the same grid.
+
+    Files of one grid may store it in different orientations (axes flipped or permuted, the
+    affine adjusted): the voxels are compared only after both are in one order (the target's).
+    """
+    if tuple(geometry.ornt) == tuple(target.ornt):
+        return source_xyz
+    return from_canonical(to_canonical(source_xyz, geometry), target)
+
+
 def read_volume(path: str | Path) -> tuple[np.ndarray, tuple[float, float, float]]:
     """Public name of the evaluation reader: a C-contiguous (z, y, x) view of the file's voxels and
     its spacing in mm along those axes (the voxel order of :func:`load_pair` and ``lesions.csv`` ids)."""
@@ -176,15 +188,28 @@ def load_pair(pair: CasePair) -> tuple[np.ndarray, np.ndarray, tuple[float, floa
     two files are decoded concurrently (zlib releases the GIL while inflating).
     """
     with ThreadPoolExecutor(max_workers=1) as pool:
-        gt_future = pool.submit(_read, pair.gt)
-        pred = _read(pair.pred)[0] if pair.pred is not None else None
-        gt, spacing = gt_future.result()
+        gt_future = pool.submit(read_source_array, pair.gt)
+        pred_source = read_source_array(pair.pred) if pair.pred is not None else None
+        gt_xyz, gt_geometry = gt_future.result()
+    gt = np.ascontiguousarray(gt_xyz.T)
+    spacing = tuple(float(s) for s in reversed(gt_geometry.spacing))
+    pred = None
+    if pred_source is not None:  # the prediction in the ground truth's voxel order
+        pred = np.ascontiguousarray(_in_orientation_of(*pred_source, gt_geometry).T)
     gt = _check_gt(gt, pair.gt)
     if pred is None:
         return np.zeros(gt.shape, dtype=np.float32), gt, spacing
     if pred.shape != gt.shape:
         raise SapError(f"{pair.pred}: shape {pred.shape} differs from {pair.gt} {gt.shape}")
-    return _check_pred(pred, pair.pred), gt, spacing
+    return _check_pred(pred, pair.pred), gt, spacing  # type: ignore[return-value]
+
+
+def check_out_folder(out: str | Path, flag: str = "--out") -> Path:
+    """An output folder path that is not an existing file (refused before any work)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SapError(f"{out}: exists and is not a folder; {flag} names the folder the outputs go into")
+    return out
 
 
 Arrays = tuple[np.ndarray, np.ndarray, tuple[float, float, float]]
@@ -274,7 +299,7 @@ def evaluate_folders(
     warm = threading.Thread(target=_warm_imports, daemon=True)
     warm.start()
     warn = warn or (lambda msg: print(f"sap evaluate: warning: {msg}", file=sys.stderr))
-    out = Path(out_dir) if out_dir is not None else None
+    out = check_out_folder(out_dir) if out_dir is not None else None
     if out is not None:
         for name in OUTPUT_FILES:
             check_writable(out / name, overwrite)

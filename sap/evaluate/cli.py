@@ -127,9 +127,12 @@ def _print_summary(summary: dict, out) -> None:
 def _run_compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from sap.evaluate.api import check_out_folder
     from sap.evaluate.compare import compare_runs
     from sap.files import atomic_write_text
 
+    if args.out:
+        check_out_folder(args.out)
     table = compare_runs(args.compare)
     shown = table.copy()
     for col in ("median_a", "median_b", "p", "p_adj"):

@@ -37,6 +37,12 @@ def compare_runs(run_dirs: Sequence[str | Path], names: Sequence[str] | None = N
     if len(run_dirs) < 2:
         raise SapError("--compare needs at least two evaluate output folders")
     dirs = [Path(d) for d in run_dirs]
+    seen: dict[Path, Path] = {}
+    for d in dirs:
+        key = d.resolve()
+        if key in seen:
+            raise SapError(f"{d}: given twice to --compare (also as {seen[key]}); compare different evaluate outputs")
+        seen[key] = d
     names = list(names) if names else [d.name or str(d) for d in dirs]
     if len(set(names)) != len(names):
         names = [str(d) for d in dirs]
@@ -46,7 +52,16 @@ def compare_runs(run_dirs: Sequence[str | Path], names: Sequence[str] | None = N
         missing = [c for c in CASE_METRICS if c not in patients[n].columns]
         if missing:
             raise SapError(f"{d / 'patients.csv'}: missing columns {', '.join(missing)}")
-    cases = sorted(set().union(*(set(p["case"]) for p in patients.values())))
+    case_sets = {n: set(p["case"]) for n, p in patients.items()}
+    by_name = dict(zip(names, dirs, strict=True))
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            if not case_sets[a] & case_sets[b]:
+                raise SapError(
+                    f"{by_name[a] / 'patients.csv'} and {by_name[b] / 'patients.csv'} share no case: a paired "
+                    "comparison needs evaluations of the same cases"
+                )
+    cases = sorted(set().union(*case_sets.values()))
     rows = []
     for metric in CASE_METRICS:
         values = {n: p.set_index("case")[metric].reindex(cases).to_numpy(dtype=np.float64) for n, p in patients.items()}

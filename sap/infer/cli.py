@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None,
                         help="where the network runs, e.g. cpu, cuda, cuda:1 (default: CUDA when available); "
                              "stitching is always on the CPU" + _OWN)
+    parser.add_argument("--series", default=None, metavar="UID",
+                        help="DICOM folders holding several series: read this SeriesInstanceUID (default: refuse, "
+                             "listing them)" + _OWN)
     parser.add_argument("--dicom-seg", action="store_true",
                         help="also write CASE_seg.dcm (DICOM SEG, highdicom) for DICOM-series inputs (default: off)" + _OWN)
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: refuse)" + _OWN)
@@ -59,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         sw_batch_size=args.sw_batch_size,
         amp=args.amp,
         device=args.device,
+        series=args.series,
         overwrite=args.overwrite,
         dicom_seg=args.dicom_seg,
         progress=not args.quiet,

@@ -11,20 +11,17 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
 from sap import __version__
+from sap.data import dicom
 from sap.data.io import Geometry, from_canonical
 from sap.errors import SapError
 
 
-def series_files(folder: Path) -> list[str]:
-    """Files of the series sap reads from ``folder`` (the largest series), in SimpleITK's slice order."""
-    reader = sitk.ImageSeriesReader()
-    ids = reader.GetGDCMSeriesIDs(str(folder))
-    if not ids:
-        raise SapError(f"{folder}: folder holds no DICOM series")
-    return list(max((reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in ids), key=len))
+def series_files(folder: Path, series_uid: str | None = None) -> list[str]:
+    """Files of the series sap reads from ``folder`` (:func:`sap.data.dicom.series_files`: the one
+    series, or ``series_uid``), in SimpleITK's slice order. Spacing was checked when it was read."""
+    return dicom.series_files(folder, series_uid, tolerance=float("inf"))
 
 
 def _with_sop_identity(ds):
@@ -39,7 +36,9 @@ def _with_sop_identity(ds):
     return ds
 
 
-def write_dicom_seg(mask: np.ndarray, geometry: Geometry, series_folder: Path, path: Path) -> Path:
+def write_dicom_seg(
+    mask: np.ndarray, geometry: Geometry, series_folder: Path, path: Path, series_uid: str | None = None
+) -> Path:
     """Write ``mask`` (canonical ``(X, Y, Z)``, non-zero = lesion) as a DICOM SEG of the series.
 
     ``geometry`` must be the series' geometry (what :func:`sap.data.io.read_image` returned for
@@ -50,7 +49,7 @@ def write_dicom_seg(mask: np.ndarray, geometry: Geometry, series_folder: Path, p
     import pydicom
     from pydicom.sr.codedict import codes
 
-    files = series_files(series_folder)
+    files = series_files(series_folder, series_uid)
     if len(files) != geometry.size[2]:
         raise SapError(f"{series_folder}: {len(files)} DICOM files for {geometry.size[2]} slices")
     sources = [_with_sop_identity(pydicom.dcmread(f, stop_before_pixels=True)) for f in files]

@@ -13,13 +13,14 @@ Discovery reads no voxel data. A sub-folder that is not a usable case becomes a 
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import SimpleITK as sitk
 
-from sap.data.cases import Case
+from sap.data.cases import Case, broken_link
 from sap.data.io import IMAGE_SUFFIXES, strip_image_suffix
 from sap.errors import SapError
 
@@ -69,7 +70,9 @@ def find_channel(folder: Path, name: str) -> Path | None:
     for path in sorted(folder.iterdir()):
         if path.name.startswith("."):
             continue
-        stem = strip_image_suffix(path.name) if path.is_file() else path.name
+        stem = strip_image_suffix(path.name) if path.is_file() or broken_link(path) else path.name
+        if broken_link(path) and stem.lower() == wanted:
+            raise SapError(f"{path}: broken symbolic link (its target {os.readlink(path)} does not exist)")
         usable = _is_image_file(path) or (path.is_dir() and is_dicom_series(path))
         if not usable:
             continue
@@ -82,7 +85,10 @@ def find_channel(folder: Path, name: str) -> Path | None:
 
 def _folder_case(folder: Path, channels: list[str], case_id: str) -> InputCase:
     """A case folder (channels by name), or a bare DICOM series for single-channel models."""
-    found = {name: find_channel(folder, name) for name in channels}
+    try:
+        found = {name: find_channel(folder, name) for name in channels}
+    except SapError as exc:  # a broken link: this case fails, the others still run
+        return InputCase(case_id, error=str(exc))
     if all(found.values()):
         series = next((p for p in found.values() if p is not None and p.is_dir()), None)
         return InputCase(
@@ -174,6 +180,10 @@ def discover_inputs(path: str | Path, channels: list[str]) -> list[InputCase]:
     as_case = _folder_case(path, channels, path.name)
     if as_case.case is not None:
         return [as_case]
+    if len(channels) > 1 and any(find_channel(path, name) is not None for name in channels):
+        # a case folder holding some channels but not all: one error for the case, not one
+        # "single image" failure per file
+        raise SapError(as_case.error or f"{path}: missing channels")
     cases = _collection(path, channels)
     if not cases:
         raise SapError(

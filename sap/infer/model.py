@@ -78,7 +78,7 @@ def _network_from_checkpoint(ckpt: dict[str, Any], name: str) -> tuple[nn.Module
     in_channels = int(ckpt.get("in_channels", len(ckpt.get("channels", []))))
     out_channels = int(ckpt.get("out_channels", 2))
     network = build_swin_unetr(cfg.model, in_channels, out_channels, patch_merging=ckpt.get("patch_merging"))
-    load_weights(network, ckpt, expect="full", layout="auto", verbose=False)
+    load_weights(network, ckpt, expect="full", layout="auto", verbose=False, name=name)
     network.eval()
     return network, cfg
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from sap import RESEARCH_USE_ONLY, __version__
 from sap.config import DataConfig
-from sap.data.cases import Case
+from sap.data.cases import Case, check_case_id
 from sap.data.io import Geometry, read_image, write_image
 from sap.data.labels import check_skeleton
 from sap.data.preprocess import body_mask, load_case, normalise, resample_to_spacing
@@ -64,6 +64,7 @@ class InferOptions:
     sw_batch_size: int | None = None
     amp: bool | None = None
     device: str | None = None  #: where the network runs (default: CUDA when present, else CPU)
+    series: str | None = None  #: DICOM SeriesInstanceUID to read where a folder holds several
     overwrite: bool = False
     dicom_seg: bool = False
     progress: bool = True
@@ -126,7 +127,26 @@ def _settings(model: InferenceModel, options: InferOptions) -> _Settings:
         raise SapError(f"window overlap {settings.overlap} is outside [0, 1)")
     if settings.sw_batch_size < 1:
         raise SapError(f"windows per batch {settings.sw_batch_size} must be at least 1")
+    if settings.device is not None:
+        check_device(settings.device)
     return settings
+
+
+def check_device(text: str) -> torch.device:
+    """``--device``: a torch device that exists on this machine (checked before any case is read)."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise SapError(f"--device {text[:40]!r}: not a device name; use cpu, cuda or cuda:N") from exc
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise SapError(f"--device {text}: no CUDA device on this machine; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise SapError(f"--device {text}: this machine has CUDA devices 0…{count - 1}")
+    elif device.type not in ("cpu", "mps"):
+        raise SapError(f"--device {text}: unsupported device type {device.type!r}; use cpu, cuda or cuda:N")
+    return device
 
 
 # ------------------------------------------------------------------------------------ preprocessing
@@ -202,6 +222,11 @@ def _engine(
     assert total is not None
     if len(model.networks) > 1:
         total /= len(model.networks)
+    if total.size and not (np.isfinite(total.min()) and np.isfinite(total.max())):  # NaN/Inf propagate
+        raise SapError(
+            f"{model.source}: the network's output holds NaN/Inf values; the model (or its input) is broken, "
+            "no outputs written"
+        )
     return total
 
 
@@ -380,7 +405,7 @@ def infer_case(
     start = time.perf_counter()
     if item.case is None:
         raise SapError(item.error or f"{item.case_id}: not a usable case")
-    case_id = item.case_id
+    case_id = check_case_id(item.case_id, next(iter(item.case.channels.values())))
     regions = item.skeleton is not None or skeletal is not None
     dicom_seg = options.dicom_seg and item.dicom_series is not None
     if options.dicom_seg and not dicom_seg:
@@ -390,7 +415,8 @@ def infer_case(
     check_inputs_are_not_outputs(item, out, model, options, skeletal)
     settings = _settings(model, options)
 
-    prepared = prepare_image(item.case, model.data)
+    data = model.data if options.series is None else dataclasses.replace(model.data, dicom_series=options.series)
+    prepared = prepare_image(item.case, data)
     release_freed_memory()
     prob = _engine(model, prepared.image, settings, "foreground", options.progress)
     skeleton = _skeleton_labels(item, prepared, skeletal, model, settings, options.progress) if regions else None
@@ -430,7 +456,7 @@ def infer_case(
         from sap.infer.dicom_seg import write_dicom_seg
 
         assert item.dicom_series is not None
-        writers[f"{case_id}_seg.dcm"] = lambda p: write_dicom_seg(instances, geometry, item.dicom_series, p)
+        writers[f"{case_id}_seg.dcm"] = lambda p: write_dicom_seg(instances, geometry, item.dicom_series, p, options.series)
     writers[f"{case_id}_summary.json"] = lambda p: atomic_write_text(
         p, json.dumps({**summary, "seconds": round(time.perf_counter() - start, 3)}, indent=2) + "\n"
     )

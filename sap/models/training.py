@@ -341,8 +341,15 @@ def check_out_dir(folder: Path, resume: bool, overwrite: bool) -> list[str]:
     existing = [name for name in STAGE_FILES if (folder / name).exists()]
     if resume:
         if not (folder / "last.pt").is_file():
-            raise SapError(f"{folder / 'last.pt'}: nothing to resume (no last checkpoint)")
+            left = f" (the earlier run stopped before its first checkpoint and left {', '.join(existing)})" if existing else ""
+            raise SapError(f"{folder / 'last.pt'}: nothing to resume{left}; start over with --overwrite")
     elif existing and not overwrite:
+        if not any((folder / name).is_file() for name in ("last.pt", "best.pt")):
+            # killed before its first checkpoint: --resume cannot help
+            raise SapError(
+                f"{folder}: outputs exist ({', '.join(existing)}) from a run that stopped before its first "
+                "checkpoint; nothing to resume: pass --overwrite to start over"
+            )
         raise SapError(f"{folder}: outputs exist ({', '.join(existing)}); pass --overwrite or --resume")
     return existing
 
@@ -537,7 +544,7 @@ def _run_locked(
     model, optimizer = parts.model, parts.optimizer
     scheduler = parts.scheduler or warmup_cosine_schedule(optimizer, spec.max_steps, spec.warmup_fraction)
     if stored is not None:
-        restore_model(model, stored)
+        restore_model(model, stored, str(out / "last.pt"))
         vars(loop).update(vars(restore_training_state(stored["training"], optimizer, scheduler, accelerator, ctx.generator)))
         if parts.cursor is not None:
             parts.cursor.load_state_dict(stored["training"]["cursor"])

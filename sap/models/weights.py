@@ -103,13 +103,32 @@ def read_checkpoint(source: str | Path | Mapping[str, Any], allow_pickle: bool =
     try:
         return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as exc:
+        if "Unsupported global" in str(exc):
+            raise SapError(
+                f"{path}: checkpoint holds pickled Python objects beyond tensors, which sap does not load; "
+                "re-save only its weights, e.g. torch.save(model.state_dict(), PATH)"
+            ) from exc
         raise SapError(
-            f"{path}: checkpoint holds pickled Python objects beyond tensors; re-save its state dict "
-            "or load it with allow_pickle=True if you trust the file"
+            f"{path}: not a PyTorch checkpoint (its bytes do not decode as one); the file is corrupt, "
+            "truncated or of another format: pass the .pt file that training wrote"
         ) from exc
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SapError(f"{path}: not a readable PyTorch checkpoint ({first})") from exc
+        raise SapError(
+            f"{path}: not a readable PyTorch checkpoint ({first[:120]}); the file is corrupt, truncated "
+            "or of another format"
+        ) from exc
+
+
+def check_finite_weights(state: Mapping[str, torch.Tensor], name: str) -> None:
+    """Refuse weights holding NaN or Inf: they predict NaN everywhere, which reads as "no lesion"."""
+    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise SapError(
+            f"{name}: {len(bad)} weight tensor(s) hold NaN/Inf values ({shown}); the training that wrote it "
+            "diverged: use an earlier checkpoint (best.pt) or retrain with a lower learning rate"
+        )
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -241,6 +260,7 @@ def load_weights(
     adapt_channels: bool = False,
     allow_pickle: bool = False,
     verbose: bool = True,
+    name: str | None = None,
 ) -> LoadReport:
     """Load the ``expect`` part of a checkpoint into a Swin UNETR, in place.
 
@@ -254,6 +274,7 @@ def load_weights(
             reference-SAP files are ``legacy``), ``legacy``/``current`` force one.
         adapt_channels: adapt a channel-count mismatch of the input layers (e.g. 1-channel CT
             weights into a 2-channel model); without it such a mismatch fails the load.
+        name: how messages name an already loaded ``source`` (its file).
 
     Returns the :class:`LoadReport` (also printed when ``verbose``). Tensors outside the expected
     part are left untouched even when the source has them.
@@ -262,7 +283,8 @@ def load_weights(
         SapError: unreadable file, no state dict inside, or fewer than 100 % of the expected
             tensors loaded with matching shapes; the message carries the counts.
     """
-    state, metadata, source_format, source_layout, name = describe_source(source, allow_pickle)
+    state, metadata, source_format, source_layout, described = describe_source(source, allow_pickle)
+    name = name or described
     model_state = model.state_dict()
     wanted = expected_keys(model_state, expect)
     wanted_set = set(wanted)
@@ -307,12 +329,13 @@ def load_weights(
         hint = ""
         if report.mismatched:
             hint = " " + mismatch_hint(report.shapes, report.stored_config)
-            if any(k in INPUT_LAYER_KEYS for k in report.mismatched):
+            if any(_channel_only(k, *report.shapes[k]) for k in report.mismatched):
                 hint += "; adapt the input channels on request with adapt_channels"
         elif not report.loaded:
             hint = " (this does not look like a Swin UNETR checkpoint of this model)"
         raise SapError(f"{report.summary()}: less than the expected part loaded{hint}")
 
+    check_finite_weights(to_load, name)
     with torch.no_grad():
         model.load_state_dict({**model_state, **to_load}, strict=True)
     if layout == "auto":
@@ -324,6 +347,11 @@ def load_weights(
     if verbose:
         print(f"weights: {report.summary()}")
     return report
+
+
+def _channel_only(key: str, source: tuple[int, ...], model: tuple[int, ...]) -> bool:
+    """True when an input-layer tensor differs only in its channel dimension."""
+    return key in INPUT_LAYER_KEYS and len(source) == len(model) and source[:1] + source[2:] == model[:1] + model[2:]
 
 
 def _setting_of(key: str, source: tuple[int, ...], model: tuple[int, ...]) -> str:
@@ -356,7 +384,7 @@ def mismatch_hint(
     return text + (f": {', '.join(stored)})" if stored else ")")
 
 
-def restore_model(model: nn.Module, checkpoint: Mapping[str, Any]) -> nn.Module:
+def restore_model(model: nn.Module, checkpoint: Mapping[str, Any], name: str = "checkpoint") -> nn.Module:
     """Put a sap checkpoint written from this kind of model back into it, every tensor exactly
     (``--resume``): the patch-merging layout, ``state_dict`` and ``extra_state`` (v1:
     ``ssl_heads``). Other shapes are an error naming the tensors and the config keys to change."""
@@ -375,7 +403,8 @@ def restore_model(model: nn.Module, checkpoint: Mapping[str, Any]) -> nn.Module:
         parts = [f"{len(missing)} missing ({', '.join(missing[:3])})"] if missing else []
         parts += [f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])})"] if unexpected else []
         hint = " " + mismatch_hint(shapes, checkpoint.get("config")) if shapes else ""
-        raise SapError(f"checkpoint does not fit the model: {'; '.join(parts) or f'{len(shapes)} shape-mismatched'}{hint}")
+        raise SapError(f"{name}: checkpoint does not fit the model: {'; '.join(parts) or f'{len(shapes)} shape-mismatched'}{hint}")
+    check_finite_weights(state, name)
     with torch.no_grad():
         model.load_state_dict(state, strict=True)
     return model
