@@ -364,7 +364,9 @@ def track(
     notes = _subject_check(b, f, options.force)
     for note in notes:
         warnings.warn(note, stacklevel=2)
+    reg_start = time.perf_counter()
     reg = register(b.image, f.image, b.skeleton, f.skeleton, options.registration)
+    reg_seconds = time.perf_counter() - reg_start
     warped = warp_labels(f.instances, f.image, b.image, reg.transform)
     tracks = match_lesions(b.instances, b.n, warped, f.n, b.centroids_lps, _warped_centroids(warped, f.n, b), options.match)
     rows = lesion_rows(b, f, tracks, options.match)
@@ -382,7 +384,7 @@ def track(
                      "channel_name": f.channel, "grid": list(f.image.array.shape),
                      "voxel_size_mm": [round(s, 4) for s in f.image.spacing]},
         "warnings": notes,
-        "registration": {**reg.record(), "options": asdict(options.registration)},
+        "registration": {**reg.record(), "options": asdict(options.registration), "seconds": round(reg_seconds, 3)},
         "matching": asdict(options.match),
         "thresholds_note": "min_overlap, max_distance_mm, enlarging_pct and shrinking_pct are sap's own defaults (ours), not a published response scheme",
         "correspondence_counts": counts,

@@ -94,6 +94,15 @@ def _assign(instances: np.ndarray, n: int, components: np.ndarray, truth_of_comp
     return out
 
 
+def _f1(precision: float, recall: float) -> float:
+    """F1 of precision and recall: NaN when neither side has statements; an undefined precision
+    or recall (one side has none) counts as 0."""
+    if not (np.isfinite(precision) or np.isfinite(recall)):
+        return float("nan")
+    p, r = (v if np.isfinite(v) else 0.0 for v in (precision, recall))
+    return 2 * p * r / (p + r) if p + r > 0 else 0.0
+
+
 def _statements(groups: list[tuple[list, list]]) -> set[tuple]:
     out: set[tuple] = set()
     for b, f in groups:
@@ -128,7 +137,7 @@ def score_against_truth(result: TrackResult, truth: str | Path) -> dict:
     hits = len(truth_statements & tracked_statements)
     precision = hits / len(tracked_statements) if tracked_statements else float("nan")
     recall = hits / len(truth_statements) if truth_statements else float("nan")
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    f1 = _f1(precision, recall)
 
     match = result.summary["matching"]
     base_volume = {int(x["id"]): float(x["volume_ml"]) for x in pair["baseline_lesions"]}
@@ -206,7 +215,7 @@ def pool_scores(scores: list[dict]) -> dict:
         "n_tracked_lesions": sum(s["n_tracked_lesions"] for s in scores),
         "precision": precision,
         "recall": recall,
-        "f1": 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0,
+        "f1": _f1(precision, recall),
         "correspondence_accuracy": ratio("correspondence_correct", "correspondence_scored"),
         "size_change_accuracy": ratio("size_change_correct", "size_change_scored"),
         "correspondence_scored": sum(s["correspondence_scored"] for s in scores),
