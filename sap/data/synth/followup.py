@@ -202,8 +202,12 @@ def _merge_partner(placer: Placer, instances: np.ndarray, findings: list[Finding
     crop = _crop_of(instances == host.label, 6)
     host_mask = instances[crop] == host.label
     ring = ndimage.binary_dilation(host_mask, _NEIGHBOURS, iterations=3) & ~ndimage.binary_dilation(host_mask, _NEIGHBOURS)
+    # the same piece of bone as the host (not the next vertebra across a disc), so that the two
+    # can be joined through bone at follow-up
+    pieces = cc3d.connected_components((placer.bone[crop] == host.bone).astype(np.uint8), connectivity=26)
+    piece = int(np.bincount(pieces[host_mask]).argmax())
     where = np.zeros(instances.shape, dtype=bool)
-    where[crop] = ring & (placer.bone[crop] == host.bone)
+    where[crop] = ring & (pieces == piece) & (piece > 0)
     n_voxels = max(6, int(host.n_voxels * rng.uniform(0.4, 0.9)))
     placed = placer.place(where, n_voxels)
     if placed is None:
@@ -299,8 +303,14 @@ def synthesize_pair(job: ExamJob, geometry_of_canvas) -> FollowupPair:
             a = np.isin(warped[crop], [members[0]]) & local
             b = np.isin(warped[crop], [members[1]]) & local
             joined = _bridge(_largest_component(a), _largest_component(b), free) if a.any() and b.any() else None
-            if joined is None:
-                joined = local
+            if joined is None:  # no path through bone: the truth says what happened (one kept, one gone)
+                events[members[0]] = "stable"
+                groups.append({"baseline": [members[1]], "followup": [], "event": "disappeared"})
+                shape = resize_lesion(_largest_component(a) if a.any() else local, free, base_counts[members[0]], event_rng)
+                fu[crop][shape] = next_id
+                groups.append({"baseline": [members[0]], "followup": [next_id], "event": "stable"})
+                next_id += 1
+                continue
             target = max(int(joined.sum()), int(round(sum(base_counts[m] for m in members) * event_rng.uniform(1.0, 1.3))))
             shape = resize_lesion(joined, free, target, event_rng)
             fu[crop][shape] = next_id
