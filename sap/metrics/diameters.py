@@ -62,11 +62,12 @@ def boundary_face_centres(mask: np.ndarray, spacing: tuple[float, ...], axes: tu
     mask = np.asarray(mask, dtype=bool)
     spacing_a = np.asarray(spacing, dtype=np.float64)
     padded = np.pad(mask, 1)
-    inner = tuple(slice(1, -1) for _ in range(mask.ndim))
     out = []
     for axis in range(mask.ndim) if axes is None else axes:
         for step in (-1, 1):
-            neighbour = np.roll(padded, -step, axis=axis)[inner]
+            # the neighbour of every voxel one step along ``axis`` (a view of the padded mask)
+            neighbour = padded[tuple(slice(1 + step, padded.shape[a] - 1 + step) if a == axis else slice(1, -1)
+                                     for a in range(mask.ndim))]
             faces = np.argwhere(mask & ~neighbour).astype(np.float64)
             faces[:, axis] += 0.5 * step
             out.append(faces * spacing_a)
