@@ -1,6 +1,6 @@
 """Benchmark of ``sap track``: seconds per exam pair at the demo and paper grid sizes (issue 16).
 
-One follow-up pair per preset (patient 2 of seed 0, written once by ``sap.data.synth.followup``
+One follow-up pair per preset (patient 1 of seed 0, written once by ``sap.data.synth.followup``
 into ``--data``, reused across runs) is tracked with the ground-truth masks through
 :func:`sap.track.api.track`, outputs and report included, ``--runs`` times; the median is
 reported, with the registration's own share (rigid + affine, and with ``--bspline`` the B-spline
@@ -31,8 +31,10 @@ def pair_folder(data: Path, preset: str) -> tuple[Path, Path]:
     root = data / preset
     done = root / "pair.json"
     if not done.is_file():
-        job = [j for j in pair_jobs(plan_cohort(get_preset(preset), "mr", 0)) if j.group == "patients"][1]
+        job = [j for j in pair_jobs(plan_cohort(get_preset(preset), "mr", 0)) if j.group == "patients"][0]
         written = write_any(job, root)
+        rows = "".join(f"{r['case_id']},{r['subject_id']}\n" for r in written["exams"])
+        (root / "patients" / "subjects.csv").write_text("case_id,subject_id\n" + rows)
         done.write_text(json.dumps(written["pair"]))
     pair = json.loads(done.read_text())
     return root / "patients" / pair["baseline"], root / "patients" / pair["followup"]
