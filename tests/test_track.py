@@ -8,11 +8,18 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
+from sap.config import DataConfig
+from sap.cv.track import infer_and_track
 from sap.data.io import read_image, write_image
 from sap.data.synth.cohort import plan_cohort
 from sap.data.synth.followup import DESIGN_ENLARGING_PCT, DESIGN_SHRINKING_PCT, pair_jobs, write_any
 from sap.data.synth.presets import get_preset
+from sap.errors import SapError
+from sap.infer import InferenceModel
+from sap.track.api import TrackOptions, track
 from sap.track.match import MatchOptions, match_lesions, size_change
 
 
@@ -145,9 +152,6 @@ def test_track_command_scores_truth_and_writes_outputs(pair_cohort, tmp_path):
 
 
 def test_track_lesion_free_exam_and_subject_check(pair_cohort, tmp_path, recwarn):
-    from sap.errors import SapError
-    from sap.track.api import TrackOptions, track
-
     root, pairs = pair_cohort
     pair = pairs[0]
     base_dir, fu_dir = root / "patients" / pair["baseline"], root / "patients" / pair["followup"]
@@ -170,3 +174,45 @@ def test_track_lesion_free_exam_and_subject_check(pair_cohort, tmp_path, recwarn
     assert result.baseline.n == 0 and {r["correspondence"] for r in result.rows} == {"new"}
     assert len(result.rows) == len(pair["followup_lesions"])
     assert result.region_rows[-1]["n_new"] == len(pair["followup_lesions"])
+
+
+# ----------------------------------------------------------------------------------- study layer
+def _b1000_model() -> InferenceModel:
+    """A 1×1×1 convolution: probability = sigmoid(0.05 × (b1000 − 300)); bright-on-DWI voxels are lesion."""
+    conv = nn.Conv3d(2, 2, kernel_size=1)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.bias.zero_()
+        conv.weight[1, 1, 0, 0, 0] = 0.05
+        conv.bias[1] = -15.0
+    data = DataConfig(channels=["T1", "b1000"], modality="mr", normalization="none")
+    return InferenceModel.from_module(conv, ["T1", "b1000"], data, roi_size=(32, 32, 32))
+
+
+def test_infer_then_track_publishes_one_folder(pair_cohort, tmp_path):
+    root, pairs = pair_cohort
+    pair = pairs[0]
+    out = tmp_path / "out"
+    result = infer_and_track(root / "patients" / pair["baseline"], root / "patients" / pair["followup"], out,
+                             _b1000_model(), TrackOptions(report=False, progress=False), truth=root, device="cpu")
+    names = {p.name for p in out.iterdir()}
+    assert {"lesions.csv", "regions.csv", "summary.json", "transform.h5", "infer"} <= names
+    predicted = read_image(out / "infer" / "baseline" / f"{pair['baseline']}_lesions.nii.gz")
+    assert result.baseline.n == len(np.unique(predicted.array)) - 1  # tracked the predicted lesions, not GT
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["baseline"]["lesions"].startswith(str(out / "infer"))
+    assert 0.0 <= summary["truth"]["recall"] <= 1.0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no scratch left behind
+
+
+@pytest.mark.filterwarnings("ignore:no subject id")
+def test_failed_registration_writes_nothing(pair_cohort, tmp_path):
+    root, pairs = pair_cohort
+    pair = pairs[0]
+    blank = tmp_path / pair["followup"]
+    shutil.copytree(root / "patients" / pair["followup"], blank)
+    t1 = read_image(blank / "T1.nii.gz")
+    write_image(np.zeros_like(t1.array), t1.geometry, blank / "T1.nii.gz")
+    with pytest.raises(SapError, match="registration failed"):
+        track(root / "patients" / pair["baseline"], blank, tmp_path / "out", TrackOptions(progress=False, force=True))
+    assert not (tmp_path / "out").exists()
