@@ -26,7 +26,9 @@ scorer can find each lesion in the masks; volumes and sizes are measured on the 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import cc3d
 import numpy as np
@@ -219,8 +221,9 @@ def _merge_partner(placer: Placer, instances: np.ndarray, findings: list[Finding
     return host.label, Finding(label=label, kind=host.kind, bone=host.bone, n_voxels=int(blob.sum()), centroid_ijk=centroid)  # type: ignore[arg-type]
 
 
-def synthesize_pair(job: ExamJob, geometry_of_canvas) -> FollowupPair:
-    """Baseline and follow-up exams of one phantom patient (``job`` is the baseline's job)."""
+def synthesize_pair(job: ExamJob, geometry_of_canvas: Callable[[Canvas, tuple[float, float, float]], Geometry]) -> FollowupPair:
+    """Baseline and follow-up exams of one phantom patient (``job`` is the baseline's job);
+    ``geometry_of_canvas`` places a canvas in the world (:func:`sap.data.synth.cohort.phantom_geometry`)."""
     from sap.data.synth.cohort import phantom_exam
 
     labelled = phantom_exam(job)
@@ -414,7 +417,7 @@ def _lesion_truth(instances: np.ndarray, geometry: Geometry) -> dict[int, dict]:
     return out
 
 
-def write_any(job: ExamJob, out) -> dict:
+def write_any(job: ExamJob, out: Path) -> dict:
     """Worker of a ``--followup`` cohort: healthy exams as usual; a patient becomes a pair,
     written as two case folders, returned as ``{"exams": [two records], "pair": truth}``."""
     from sap.data.synth.cohort import phantom_geometry, write_exam, write_synthesized
