@@ -11,21 +11,26 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sap.errors import SapError
+
+if TYPE_CHECKING:
+    from sap.infer import InferenceModel
+    from sap.track.api import TrackOptions, TrackResult
 
 
 def infer_and_track(
     baseline: str | Path,
     followup: str | Path,
     out: str | Path,
-    model: str | Path,
-    options=None,
+    model: str | Path | InferenceModel,
+    options: TrackOptions | None = None,
     truth: str | Path | None = None,
     device: str | None = None,
     baseline_skeleton: str | Path | None = None,
     followup_skeleton: str | Path | None = None,
-):
+) -> TrackResult:
     """Predict lesions of both exams with ``model`` (a checkpoint or bundle), then track them.
 
     Returns the :class:`~sap.track.api.TrackResult`; ``OUT`` is published whole by

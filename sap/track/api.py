@@ -21,6 +21,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import cc3d
 import numpy as np
@@ -420,13 +421,17 @@ def _publish(result: TrackResult, options: TrackOptions, extra_folders: dict[str
             from sap.track.report import report_html
 
             atomic_write_text(tmp / REPORT_FILE, report_html(result, options.progress))
-        atomic_write_text(tmp / SUMMARY_FILE, json_text(result.summary))
         for name, folder in extra_folders.items():
             shutil.move(str(folder), str(tmp / name))
+            for side in ("baseline", "followup"):  # inputs that live in a moved folder: name their final place
+                record = result.summary[side]
+                if record["lesions"].startswith(str(folder)):
+                    record["lesions"] = str(out / name) + record["lesions"][len(str(folder)):]
+        atomic_write_text(tmp / SUMMARY_FILE, json_text(result.summary))
         _refuse_existing(out, options.overwrite)  # someone may have written there meanwhile
 
 
-def print_summary(result: TrackResult, stream=sys.stdout) -> None:
+def print_summary(result: TrackResult, stream: TextIO = sys.stdout) -> None:
     s = result.summary
     reg = s["registration"]
     quality = (f"bone Dice {reg['skeleton_dice_before']:.3f} → {reg['skeleton_dice_after']:.3f}"

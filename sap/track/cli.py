@@ -6,6 +6,10 @@ The command line is a thin shell over :func:`sap.track.api.track`. Research use 
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sap.track.api import TrackOptions
 
 _OWN = " %(default).0s"
 
@@ -54,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars (default: show them)" + _OWN)
 
 
-def options_from_args(args: argparse.Namespace):
+def options_from_args(args: argparse.Namespace) -> TrackOptions:
     """The :class:`~sap.track.api.TrackOptions` of parsed arguments (also used by ``sap track-infer``)."""
     from sap.errors import SapError
     from sap.track.api import TrackOptions
