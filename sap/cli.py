@@ -33,6 +33,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("sap.cv.report_cli", "(re)build the report of a cv run from stored results"),
     "demo": ("sap.cv.demo_cli", "synth + cv + report at demo scale; needs no files"),
     "slice2d": ("sap.slice2d.cli", "2D CT slice models: train, predict, prompt-bench"),
+    "track": ("sap.track.cli", "follow-up exams: registration, lesion tracking and size change between two exams"),
+    "track-infer": ("sap.cv.track_cli", "sap infer with a model on two exams' images, then sap track (study layer)"),
 }
 
 

@@ -223,6 +223,12 @@ def test_threshold_min_volume_and_ordering(tmp_path):
     assert [round(float(r["volume_ml"]) / 0.008) for r in rows] == [125, 8]
     assert float(rows[0]["max_prob"]) == pytest.approx(1 / (1 + np.exp(-4.0)), abs=1e-5)
     assert float(rows[1]["mean_prob"]) == pytest.approx(1 / (1 + np.exp(-1.0)), abs=1e-5)
+    # diameters by boundary-face centres (sap.metrics.diameters): a 10 mm cube spans 10 mm between
+    # opposite faces and 8 mm between the outermost face centres beside them
+    assert float(rows[0]["axial_diameter_mm"]) == pytest.approx(np.hypot(10.0, 8.0), abs=0.01)
+    assert float(rows[0]["feret_diameter_mm"]) == pytest.approx(np.sqrt(100.0 + 64.0 + 64.0), abs=0.01)
+    assert float(rows[1]["axial_diameter_mm"]) == pytest.approx(np.hypot(4.0, 2.0), abs=0.01)
+    assert [r["axial_diameter_ge_10mm"] for r in rows] == ["True", "False"]
 
 
 def test_lesion_instances_rule_matches_scipy_labelling():

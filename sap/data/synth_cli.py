@@ -23,6 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives byte-identical files")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing cohort written by sap synth; refused when the folder holds "
                         "anything its cohort.json does not list")
+    parser.add_argument(
+        "--followup", action="store_true",
+        help="each patient becomes a baseline and a follow-up exam (PATIENT_t0, PATIENT_t1) with known lesion "
+        "correspondences, a pose change and a smooth deformation; the truth goes under 'followup' in cohort.json "
+        "(for sap track --truth; phantom only)",
+    )
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: up to 4, at most the CPU count); results do not depend on it")
 
 
@@ -47,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             overwrite=args.overwrite,
             workers=args.workers,
+            followup=args.followup,
         )
     meta = json.loads((out / "cohort.json").read_text())
     print(

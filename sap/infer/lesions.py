@@ -5,8 +5,9 @@
   ``>= V`` rule (:func:`sap.metrics.components.at_least`, so volumes agree with ``sap evaluate``)
   and number the rest 1…n from the largest to the smallest.
 * :func:`lesion_table`: one row per lesion: volume (mL), centroid in LPS millimetres (DICOM/ITK
-  world coordinates), maximum and mean probability, and the skeletal region when a skeleton is
-  given (the majority label among the lesion's voxels; ribs, skull and soft tissue are
+  world coordinates), maximum and mean probability, the 3D maximum Feret diameter and the longest
+  axial in-plane diameter (mm, :mod:`sap.metrics.diameters`) with the size flag
+  ``axial_diameter_ge_10mm``, and the skeletal region when a skeleton is given (the majority label among the lesion's voxels; ribs, skull and soft tissue are
   ``"rib/other"``).
 * :func:`region_summary`: per reading region, the number of lesions, their total volume and the
   largest: the MET-RADS-P-style reading list.
@@ -26,6 +27,7 @@ import numpy as np
 from sap.data.io import Geometry
 from sap.data.labels import N_SKELETON_CLASSES, OUTSIDE_REGION, SKELETON_CLASSES, region_name
 from sap.metrics.components import at_least
+from sap.metrics.diameters import instance_sizes
 
 LESION_COLUMNS = (
     "lesion_id",
@@ -35,6 +37,9 @@ LESION_COLUMNS = (
     "centroid_lps_z_mm",
     "max_prob",
     "mean_prob",
+    "feret_diameter_mm",
+    "axial_diameter_mm",
+    "axial_diameter_ge_10mm",
 )
 REGION_COLUMNS = ("region", "n_lesions", "total_volume_ml", "largest_lesion_ml")
 #: Reading regions in report order: the nine skeletal regions, then everything else.
@@ -88,7 +93,10 @@ def lesion_table(
 
     ``instances``, ``prob`` and ``skeleton`` are canonical arrays on ``geometry``'s grid (what
     :func:`sap.data.io.read_image` returns). Volumes in mL, centroids (mean voxel position) in
-    LPS mm via :meth:`Geometry.voxel_to_lps`. The region is the most frequent skeleton label
+    LPS mm via :meth:`Geometry.voxel_to_lps`. Diameters in mm on the exam's own (possibly
+    anisotropic) grid by the boundary-face convention of :mod:`sap.metrics.diameters`;
+    ``axial_diameter_ge_10mm`` is a size flag (axial diameter ≥ 10 mm), not an assessment of
+    MET-RADS-P measurability. The region is the most frequent skeleton label
     among the lesion's voxels, background included (ties go to the lower label), named with
     :func:`sap.data.labels.region_name`.
     """
@@ -119,6 +127,7 @@ def lesion_table(
             votes += np.bincount(ids * N_SKELETON_CLASSES + labels, minlength=votes.size)
     sums, maxima = sums[1:], maxima[1:]
     regions = None if votes is None else votes.reshape(n + 1, N_SKELETON_CLASSES)[1:].argmax(axis=1)
+    sizes = instance_sizes(instances, geometry.canonical_spacing, n)
     rows = []
     for i in range(n):
         row: dict[str, float | int | str] = {
@@ -129,6 +138,9 @@ def lesion_table(
             "centroid_lps_z_mm": float(lps[i, 2]),
             "max_prob": float(maxima[i]),
             "mean_prob": float(sums[i] / counts[i]),
+            "feret_diameter_mm": sizes[i].feret_diameter_mm,
+            "axial_diameter_mm": sizes[i].axial_diameter_mm,
+            "axial_diameter_ge_10mm": sizes[i].axial_diameter_ge_10mm,
         }
         if regions is not None:
             row["region"] = region_name(int(regions[i]))
@@ -162,6 +174,8 @@ _FORMATS = {
     "centroid_lps_z_mm": "{:.3f}",
     "max_prob": "{:.6f}",
     "mean_prob": "{:.6f}",
+    "feret_diameter_mm": "{:.2f}",
+    "axial_diameter_mm": "{:.2f}",
 }
 
 

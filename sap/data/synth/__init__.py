@@ -4,7 +4,8 @@ healthy and patient exams, MR (T1, b1000) or CT, lesions with the study's size d
 Modules: :mod:`~sap.data.synth.shapes` (vectorised primitives), :mod:`~sap.data.synth.phantom`
 (anatomy), :mod:`~sap.data.synth.lesions` (lesions and mimics), :mod:`~sap.data.synth.intensity`
 (MR/CT appearance), :mod:`~sap.data.synth.anatomy` (``--anatomy DIR``),
-:mod:`~sap.data.synth.presets` and :mod:`~sap.data.synth.cohort` (the writer).
+:mod:`~sap.data.synth.presets` and :mod:`~sap.data.synth.cohort` (the writer), and
+:mod:`~sap.data.synth.followup` (baseline/follow-up pairs with known truth, ``--followup``).
 
 The writer and its image I/O load on first use, so ``sap --help`` stays light.
 """

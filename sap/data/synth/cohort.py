@@ -140,7 +140,12 @@ def _finding_record(finding: Finding, geometry: Geometry, voxel_ml: float, index
 
 def write_exam(job: ExamJob, out: Path) -> dict:
     """Synthesise one exam, write its files under ``out/GROUP/CASE/`` and return its cohort.json record."""
-    exam = synthesize_exam(job)
+    return write_synthesized(synthesize_exam(job), out)
+
+
+def write_synthesized(exam: Exam, out: Path) -> dict:
+    """Write an exam built in memory under ``out/GROUP/CASE/`` and return its cohort.json record."""
+    job = exam.job
     folder = out / job.group / job.case_id
     for name, image in exam.images.items():
         write_image(image, exam.geometry, folder / f"{name}.nii.gz")
@@ -200,17 +205,17 @@ def plan_cohort(preset: Preset, modality: str, seed: int, sources: list[AnatomyS
     return jobs
 
 
-def _run_jobs(jobs: list[ExamJob], out: Path, workers: int) -> Iterator[dict]:
+def _run_jobs(jobs: list[ExamJob], out: Path, workers: int, writer=write_exam) -> Iterator[dict]:
     if workers <= 1 or len(jobs) <= 1:
         for job in jobs:
-            yield write_exam(job, out)
+            yield writer(job, out)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method)) as pool:
-        yield from pool.map(write_exam, jobs, [out] * len(jobs))
+        yield from pool.map(writer, jobs, [out] * len(jobs))
 
 
 def cohort_files(meta: dict) -> set[str]:
@@ -280,13 +285,17 @@ def make_cohort(
     overwrite: bool = False,
     workers: int | None = None,
     progress: bool = True,
+    followup: bool = False,
 ) -> Path:
     """Write a synthetic cohort to ``out`` and return its path.
 
     ``preset``: tiny | demo | paper (see :data:`sap.data.synth.presets.PRESETS`). ``modality``: mr
     (T1 + b1000) or ct. ``anatomy``: a folder of real scans with TotalSegmentator labels instead of
     the procedural phantom. ``workers``: processes (default: up to 4, never more than the CPUs);
-    results do not depend on it. Raises :class:`SapError` on bad arguments or an existing,
+    results do not depend on it. ``followup``: each patient becomes a baseline and a follow-up
+    exam (``patient_001_t0``, ``patient_001_t1``) with known lesion correspondences
+    (:mod:`sap.data.synth.followup`, phantom only); the truth goes under ``followup`` in
+    cohort.json. Raises :class:`SapError` on bad arguments or an existing,
     non-empty ``out`` without ``overwrite``.
     """
     out = Path(out)
@@ -312,7 +321,14 @@ def make_cohort(
             # read and convert every source now: bad files fail before anything is written, and
             # forked workers inherit the loaded arrays instead of reading them again
             load_source(source)
+    if followup and anatomy is not None:
+        raise SapError("--followup works with the procedural phantom only (not with --anatomy)")
     jobs = plan_cohort(chosen, modality, seed, sources)
+    writer = write_exam
+    if followup:
+        from sap.data.synth.followup import pair_jobs, write_any
+
+        jobs, writer = pair_jobs(jobs), write_any
     n_subjects = len({job.subject_id for job in jobs})
     shared = bool(sources) and len(sources) < n_subjects
     if shared:
@@ -329,7 +345,11 @@ def make_cohort(
     with staged_folder(out) as tmp:
         from tqdm.auto import tqdm
 
-        records = list(tqdm(_run_jobs(jobs, tmp, workers), total=len(jobs), desc="sap synth", unit="exam", disable=not progress))
+        records = list(tqdm(_run_jobs(jobs, tmp, workers, writer), total=len(jobs), desc="sap synth", unit="exam", disable=not progress))
+        pairs = []
+        if followup:
+            pairs = [r["pair"] for r in records if "pair" in r]
+            records = [exam for r in records for exam in r.get("exams", [r])]
         for group in GROUP_CODES:
             rows = [f"{r['case_id']},{r['subject_id']}" for r in records if r["group"] == group]
             atomic_write_text(tmp / group / "subjects.csv", "case_id,subject_id\n" + "".join(row + "\n" for row in rows))
@@ -357,6 +377,8 @@ def make_cohort(
                 + [p.relative_to(tmp).as_posix() for p in tmp.rglob("*.nii.gz")]
             ),
         }
+        if followup:
+            cohort["followup"] = pairs
         atomic_write_text(tmp / "cohort.json", json.dumps(cohort, indent=1, sort_keys=True) + "\n")
         _prepare_output(out, overwrite)  # re-check: someone may have written there meanwhile
     return out
