@@ -164,10 +164,11 @@ def atomic_write(path: str | Path, write: Callable[[str], Any], suffix: str = ".
 
 
 def atomic_write_text(path: str | Path, text: str, overwrite: bool = True) -> Path:
-    """Write text through a temporary sibling and a rename (no half-written files)."""
+    """Write text (UTF-8, whatever the locale) through a temporary sibling and a rename (no
+    half-written files)."""
     path = Path(path)
     check_writable(path, overwrite)
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def staging_folder(folder: str | Path, parent: str | Path | None = None) -> Path:

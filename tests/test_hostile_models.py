@@ -124,7 +124,10 @@ def test_item17g_run_killed_before_its_first_checkpoint(tmp_path, capsys):
     fold.mkdir(parents=True)
     (fold / "config.yaml").write_text("scale: tiny\n")
     (fold / "log.csv").write_text("step,loss\n")
-    base = ["finetune", "--config", "tiny", "--data", tmp_path / "absent", "--out", tmp_path / "run",
+    from tests.test_finetune import micro_cohort
+
+    data = micro_cohort(tmp_path / "patients")  # valid data: the folder check is what refuses
+    base = ["finetune", "--config", "tiny", "--data", data, "--out", tmp_path / "run",
             "--init", "scratch", "--fold", "1", "--no-progress"]
     line = refuse(base, capsys, [tmp_path], "finetune", str(fold), "stopped before its first checkpoint", "--overwrite")
     assert "--resume" not in line

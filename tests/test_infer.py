@@ -531,10 +531,10 @@ def test_module_help_is_light_and_lists_every_option():
 
     result = subprocess.run(
         [sys.executable, "-c", "import sys, sap.infer.cli; print('torch' in sys.modules)"],
-        capture_output=True, text=True, check=True,
+        capture_output=True, text=True, encoding="utf-8", check=True,
     )
     assert result.stdout.strip() == "False"  # the CLI module does not import torch
-    result = subprocess.run([sys.executable, "-m", "sap.infer", "--help"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "sap.infer", "--help"], capture_output=True, text=True, encoding="utf-8")
     assert result.returncode == 0
     for option in ("--model", "--threshold", "--min-volume-ml", "--skeletal-model", "--skeleton", "--tta",
                    "--overlap", "--sw-batch-size", "--amp", "--device", "--dicom-seg", "--overwrite"):

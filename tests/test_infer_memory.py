@@ -40,7 +40,7 @@ def test_load_case_holds_the_result_and_no_stacked_copy(monkeypatch):
     channels = _body_case(np.random.default_rng(0))
     sources = {f"c{i}.nii.gz": channel[::-1, ::-1].copy() for i, channel in enumerate(channels)}
     # the reader is replaced by arrays allocated before counting: only load_case's own allocations count
-    monkeypatch.setattr(preprocess, "read_source_array", lambda path: (sources[Path(path).name], geometry))
+    monkeypatch.setattr(preprocess, "read_source_array", lambda path, *options: (sources[Path(path).name], geometry))
     case = Case("c", "c", "patients", {"T1": Path("c0.nii.gz"), "b1000": Path("c1.nii.gz")})
     tracemalloc.start()
     try:
