@@ -143,7 +143,7 @@ def test_track_command_scores_truth_and_writes_outputs(pair_cohort, tmp_path):
     warped = read_image(out / "followup_lesions_in_baseline.nii.gz")
     baseline_gt = read_image(root / "patients" / pair["baseline"] / "GT.nii.gz")
     assert warped.geometry.same_grid(baseline_gt.geometry) is None and warped.array.max() >= 1
-    page = (out / "report.html").read_text()
+    page = (out / "report.html").read_text(encoding="utf-8")
     assert page.count("class='track'") == len(rows) and "data:image/png;base64," in page
     # existing output: refused, untouched
     before = (out / "lesions.csv").read_bytes()
