@@ -21,29 +21,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-    import warnings
-
-    from sap import RESEARCH_USE_ONLY
     from sap.cv.track import infer_and_track
     from sap.errors import SapError
-    from sap.track.api import print_summary
-    from sap.track.cli import options_from_args, print_truth
+    from sap.track.cli import options_from_args, run_and_report
 
     if args.baseline_lesions or args.followup_lesions:
         raise SapError("--baseline-lesions/--followup-lesions: sap track-infer predicts the lesions; use sap track to give masks")
-
-    def show(message, *_args, **_kwargs) -> None:
-        print(f"sap track-infer: warning: {message}", file=sys.stderr)
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        warnings.showwarning = show
-        result = infer_and_track(args.baseline, args.followup, args.out, args.model, options_from_args(args),
-                                 truth=args.truth, device=args.device, baseline_skeleton=args.baseline_skeleton,
-                                 followup_skeleton=args.followup_skeleton)
-    print_summary(result)
-    if "truth" in result.summary:
-        print_truth(result.summary["truth"])
-    print(f"sap track-infer: wrote {args.out}. {RESEARCH_USE_ONLY}")
-    return 0
+    return run_and_report("track-infer", args.out, lambda: infer_and_track(
+        args.baseline, args.followup, args.out, args.model, options_from_args(args), truth=args.truth,
+        device=args.device, baseline_skeleton=args.baseline_skeleton, followup_skeleton=args.followup_skeleton,
+    ))  # fmt: skip

@@ -6,10 +6,11 @@ The command line is a thin shell over :func:`sap.track.api.track`. Research use 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from sap.track.api import TrackOptions
+    from sap.track.api import TrackOptions, TrackResult
 
 _OWN = " %(default).0s"
 
@@ -85,25 +86,34 @@ def print_truth(scores: dict) -> None:
           f"{scores['size_change_accuracy']:.3f}; mean |Feret error| {scores['feret_abs_error_mm_mean']:.2f} mm")
 
 
-def run(args: argparse.Namespace) -> int:
+def run_and_report(command: str, out: str, compute: Callable[[], TrackResult]) -> int:
+    """Run ``compute()`` with its warnings printed as ``sap COMMAND: warning: …`` lines, then print
+    the summary (and the truth scores when asked); shared by ``sap track`` and ``sap track-infer``."""
     import sys
     import warnings
 
     from sap import RESEARCH_USE_ONLY
-    from sap.track.api import print_summary, track
+    from sap.track.api import print_summary
 
     def show(message, *_args, **_kwargs) -> None:
-        print(f"sap track: warning: {message}", file=sys.stderr)
+        print(f"sap {command}: warning: {message}", file=sys.stderr)
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = show
-        result = track(args.baseline, args.followup, args.out, options_from_args(args),
-                       baseline_lesions=args.baseline_lesions, followup_lesions=args.followup_lesions,
-                       baseline_skeleton=args.baseline_skeleton, followup_skeleton=args.followup_skeleton,
-                       truth=args.truth)
+        result = compute()
     print_summary(result)
     if "truth" in result.summary:
         print_truth(result.summary["truth"])
-    print(f"sap track: wrote {args.out}. {RESEARCH_USE_ONLY}")
+    print(f"sap {command}: wrote {out}. {RESEARCH_USE_ONLY}")
     return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from sap.track.api import track
+
+    return run_and_report("track", args.out, lambda: track(
+        args.baseline, args.followup, args.out, options_from_args(args),
+        baseline_lesions=args.baseline_lesions, followup_lesions=args.followup_lesions,
+        baseline_skeleton=args.baseline_skeleton, followup_skeleton=args.followup_skeleton, truth=args.truth,
+    ))  # fmt: skip
