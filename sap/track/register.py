@@ -98,6 +98,21 @@ def _method(fixed_mask: sitk.Image, options: RegistrationOptions, iterations: in
     return method
 
 
+def _linear_stage(
+    transform: sitk.Transform, name: str, learning_rate: float, min_step: float,
+    fixed_mask: sitk.Image, fixed: sitk.Image, moving: sitk.Image, options: RegistrationOptions,
+) -> dict:
+    """Optimise ``transform`` in place by regular-step gradient descent (the rigid and affine
+    stages differ only in their step sizes)."""
+    method = _method(fixed_mask, options, options.iterations)
+    method.SetOptimizerAsRegularStepGradientDescent(learningRate=learning_rate, minStep=min_step,
+                                                    numberOfIterations=options.iterations,
+                                                    relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6)
+    method.SetOptimizerScalesFromPhysicalShift()
+    method.SetInitialTransform(transform, inPlace=True)
+    return _run(method, fixed, moving, name)
+
+
 def _run(method: sitk.ImageRegistrationMethod, fixed: sitk.Image, moving: sitk.Image, name: str) -> dict:
     try:
         method.Execute(fixed, moving)
@@ -147,23 +162,13 @@ def register(
         to_sitk(fixed_body.astype(np.float32), fixed.geometry), to_sitk(moving_body.astype(np.float32), moving.geometry),
         sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS,
     )
-    method = _method(f_mask, options, options.iterations)
-    method.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-3, numberOfIterations=options.iterations,
-                                                    relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6)
-    method.SetOptimizerScalesFromPhysicalShift()
-    method.SetInitialTransform(rigid, inPlace=True)
-    stages.append(_run(method, f_img, m_img, "rigid"))
+    stages.append(_linear_stage(rigid, "rigid", 2.0, 1e-3, f_mask, f_img, m_img, options))
 
     affine = sitk.AffineTransform(3)
     affine.SetCenter(rigid.GetCenter())
     affine.SetMatrix(rigid.GetMatrix())
     affine.SetTranslation(rigid.GetTranslation())
-    method = _method(f_mask, options, options.iterations)
-    method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4, numberOfIterations=options.iterations,
-                                                    relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6)
-    method.SetOptimizerScalesFromPhysicalShift()
-    method.SetInitialTransform(affine, inPlace=True)
-    stages.append(_run(method, f_img, m_img, "affine"))
+    stages.append(_linear_stage(affine, "affine", 1.0, 1e-4, f_mask, f_img, m_img, options))
     transform: sitk.Transform = sitk.CompositeTransform([affine])
 
     if options.bspline:
