@@ -26,7 +26,7 @@ import yaml
 
 from sap.errors import SapError
 
-PresetName = Literal["tiny", "demo", "paper"]
+PresetName = Literal["tiny", "demo", "study-cpu", "paper"]
 PRESETS: tuple[str, ...] = typing.get_args(PresetName)
 
 

@@ -112,6 +112,9 @@ def paper_deviations(cfg: Config, cohort: dict[str, Any] | None) -> list[str]:
     scale = lesion_volume_scale(cohort)
     if scale != 1.0:
         out.append(f"lesion volumes scaled ×{scale:g}")
+    features = ((cohort or {}).get("difficulty") or {}).get("features") or []
+    if features:
+        out.append(f"synthetic difficulty features {', '.join(map(str, features))} (ours, docs/cohort.md)")
     for key, label in DEVIATION_KEYS:
         ours, theirs = _get(cfg, key), _get(paper, key)
         if ours != theirs:

@@ -36,6 +36,7 @@ from sap.run_layout import ALL_METHODS, METHODS, REFERENCE, RunDir
 SCALE_NOTES = {
     "demo": "Demo scale: shows the pipeline, not evidence.",
     "tiny": "Test scale (tiny preset): shows the pipeline, not evidence.",
+    "study-cpu": "CPU study scale (study-cpu preset): a benchmark whose truth is known, on synthetic data.",
     "paper": "Paper scale: the configuration of the study (SPEC §10).",
 }
 

@@ -29,6 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "correspondences, a pose change and a smooth deformation; the truth goes under 'followup' in cohort.json "
         "(for sap track --truth; phantom only)",
     )
+    parser.add_argument(
+        "--difficulty", default=None, metavar="FEATURES",
+        help="difficulty features to keep on, comma-separated (low_contrast, marrow, bone_mimics; 'none' for "
+        "none); default: the preset's own (study-cpu: all three; other presets: none). For measuring what each does",
+    )
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: up to 4, at most the CPU count); results do not depend on it")
 
 
@@ -54,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             workers=args.workers,
             followup=args.followup,
+            difficulty=None if args.difficulty is None else [f for f in args.difficulty.split(",") if f and f != "none"],
         )
     meta = json.loads((out / "cohort.json").read_text())
     print(

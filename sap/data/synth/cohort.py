@@ -35,13 +35,15 @@ from sap.data.synth.exam import (
     AnatomySource,
     Exam,
     ExamJob,
+    difficulty_generators,
     exam_generators,
     lesion_kinds,
 )
-from sap.data.synth.intensity import render_ct, render_mr
+from sap.data.synth.intensity import marrow_cellularity, render_ct, render_mr
 from sap.data.synth.lesions import (
     Finding,
     Placer,
+    bone_mimic_plan,
     burden_plan,
     mimic_plan,
     place_lesions,
@@ -96,7 +98,28 @@ def phantom_exam(job: ExamJob) -> PhantomExam:
         )
         soft = phantom.tissue == T["visceral_fat"]
         mimic_findings = place_mimics(placer, mimics, dict(job.mimics), soft, scale=preset.lesion_volume_scale)
+        difficulty = preset.difficulty
+        if difficulty.low_contrast_fraction > 0 and lesion_findings:
+            contrast_rng = difficulty_generators(job)[0]
+            low = contrast_rng.random(len(lesion_findings)) < difficulty.low_contrast_fraction
+            factors = contrast_rng.uniform(*difficulty.low_contrast_range, size=len(lesion_findings))
+            for finding, is_low, factor in zip(lesion_findings, low, factors, strict=True):
+                finding.contrast = round(float(factor), 3) if is_low else 1.0
     return PhantomExam(phantom, lesions, mimics, lesion_findings, mimic_findings)
+
+
+def difficulty_maps(job: ExamJob, bone: np.ndarray, lesion_findings: list[Finding]) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(lesion contrast per lesion id, marrow cellularity) for rendering; None where the feature is off."""
+    difficulty = job.preset.difficulty
+    contrast = None
+    if difficulty.low_contrast_fraction > 0 and lesion_findings:
+        contrast = np.ones(max(f.label for f in lesion_findings) + 1, dtype=np.float32)
+        for finding in lesion_findings:
+            contrast[finding.label] = finding.contrast
+    cellularity = None
+    if difficulty.marrow_variation > 0:
+        cellularity = marrow_cellularity(bone, difficulty_generators(job)[1], difficulty.marrow_variation)
+    return contrast, cellularity
 
 
 def synthesize_exam(job: ExamJob) -> Exam:
@@ -110,10 +133,12 @@ def synthesize_exam(job: ExamJob) -> Exam:
     phantom, lesions, mimics = labelled.phantom, labelled.lesions, labelled.mimics
     lesion_findings, mimic_findings = labelled.lesion_findings, labelled.mimic_findings
     preset = job.preset
+    contrast, cellularity = difficulty_maps(job, phantom.bone, lesion_findings)
     if job.modality == "ct":
-        images = {"CT": render_ct(phantom.tissue, phantom.bone, phantom.cortex, lesions, [f.kind for f in lesion_findings], mimics, render_rng)}
+        images = {"CT": render_ct(phantom.tissue, phantom.bone, phantom.cortex, lesions, [f.kind for f in lesion_findings],
+                                  mimics, render_rng, contrast, cellularity)}
     else:
-        t1, dwi = render_mr(phantom.tissue, phantom.bone, phantom.cortex, lesions, mimics, render_rng)
+        t1, dwi = render_mr(phantom.tissue, phantom.bone, phantom.cortex, lesions, mimics, render_rng, contrast, cellularity)
         images = {"T1": t1, "b1000": dwi}
     return Exam(
         job=job,
@@ -126,9 +151,10 @@ def synthesize_exam(job: ExamJob) -> Exam:
     )
 
 
-def _finding_record(finding: Finding, geometry: Geometry, voxel_ml: float, index: int) -> dict:
+def _finding_record(finding: Finding, geometry: Geometry, voxel_ml: float, index: int, contrast: bool = False) -> dict:
     centroid = geometry.voxel_to_lps(np.asarray(finding.centroid_ijk))[0]
-    return {
+    extra = {"contrast": finding.contrast} if contrast else {}
+    return extra | {
         "id": index,
         "kind": finding.kind,
         "volume_ml": round(finding.n_voxels * voxel_ml, 4),
@@ -160,7 +186,8 @@ def write_synthesized(exam: Exam, out: Path) -> dict:
         "grid": list(exam.geometry.canonical_shape),
         "voxel_size_mm": [round(s, 4) for s in exam.geometry.canonical_spacing],
         "n_lesions": len(exam.lesion_findings),
-        "lesions": [_finding_record(f, exam.geometry, voxel_ml, i) for i, f in enumerate(exam.lesion_findings, start=1)],
+        "lesions": [_finding_record(f, exam.geometry, voxel_ml, i, contrast=job.preset.difficulty.low_contrast_fraction > 0)
+                    for i, f in enumerate(exam.lesion_findings, start=1)],
         "mimics": [_finding_record(f, exam.geometry, voxel_ml, i) for i, f in enumerate(exam.mimic_findings, start=1)],
     }
     if job.group == "patients":
@@ -192,6 +219,10 @@ def plan_cohort(preset: Preset, modality: str, seed: int, sources: list[AnatomyS
     counts = burden_plan(rng, preset.n_patients, preset.n_lesion_free, preset.max_lesions)
     volumes = split_volumes(sample_lesion_volumes(rng, sum(counts), preset.lesion_volume_scale), counts)
     mimics = mimic_plan(rng, preset.n_patients)
+    if preset.difficulty.bone_mimics[1] > 0:
+        # a generator of its own: the cohort's other draws do not depend on the feature
+        in_bone = bone_mimic_plan(np.random.default_rng([seed, 15]), preset.n_patients, preset.difficulty.bone_mimics)
+        mimics = [plan | extra for plan, extra in zip(mimics, in_bone, strict=True)]
     names, weights = zip(*CT_PHENOTYPES, strict=True)
     for p in range(1, preset.n_patients + 1):
         phenotype = str(rng.choice(names, p=weights)) if modality == "ct" else "metastasis"
@@ -286,6 +317,7 @@ def make_cohort(
     workers: int | None = None,
     progress: bool = True,
     followup: bool = False,
+    difficulty: list[str] | tuple[str, ...] | None = None,
 ) -> Path:
     """Write a synthetic cohort to ``out`` and return its path.
 
@@ -295,11 +327,22 @@ def make_cohort(
     results do not depend on it. ``followup``: each patient becomes a baseline and a follow-up
     exam (``patient_001_t0``, ``patient_001_t1``) with known lesion correspondences
     (:mod:`sap.data.synth.followup`, phantom only); the truth goes under ``followup`` in
-    cohort.json. Raises :class:`SapError` on bad arguments or an existing,
-    non-empty ``out`` without ``overwrite``.
+    cohort.json. ``difficulty``: the difficulty features to keep switched on (a subset of the
+    preset's, :data:`sap.data.synth.presets.DIFFICULTY_FEATURES`; ``[]`` for none; None: the
+    preset's), for measuring what each feature does. Raises :class:`SapError` on bad arguments or
+    an existing, non-empty ``out`` without ``overwrite``.
     """
     out = Path(out)
     chosen = get_preset(preset)
+    if difficulty is not None:
+        missing = sorted(set(difficulty) - set(chosen.difficulty.features))
+        chosen = dataclasses.replace(chosen, difficulty=chosen.difficulty.only(list(difficulty)))
+        if missing:
+            raise SapError(f"--difficulty {','.join(missing)}: preset {chosen.name} has no such feature "
+                           f"(its features: {', '.join(get_preset(preset).difficulty.features) or 'none'})")
+    if chosen.difficulty.features and (anatomy is not None or followup):
+        raise SapError(f"preset {chosen.name}: the difficulty features ({', '.join(chosen.difficulty.features)}) work "
+                       "with the phantom cohort only, not with --anatomy or --followup; pass --difficulty none")
     if anatomy is not None and chosen.lesion_volume_scale != 1:
         # the scale compensates the phantom's coarse grid; real scans keep their own voxels
         chosen = dataclasses.replace(chosen, lesion_volume_scale=1.0)
@@ -379,6 +422,8 @@ def make_cohort(
         }
         if followup:
             cohort["followup"] = pairs
+        if chosen.difficulty.features or difficulty is not None:
+            cohort["difficulty"] = chosen.difficulty.record()
         atomic_write_text(tmp / "cohort.json", json.dumps(cohort, indent=1, sort_keys=True) + "\n")
         _prepare_output(out, overwrite)  # re-check: someone may have written there meanwhile
     return out

@@ -69,6 +69,14 @@ def exam_generators(job: ExamJob) -> tuple[np.random.Generator, np.random.Genera
     return subject, pose, placement, rendering
 
 
+def difficulty_generators(job: ExamJob) -> tuple[np.random.Generator, np.random.Generator]:
+    """(lesion contrast, marrow variation) generators of one exam: streams of their own, so switching
+    a difficulty feature on or off changes nothing else in the exam."""
+    code = GROUP_CODES[job.group]
+    contrast, marrow = np.random.SeedSequence([job.seed, code, job.subject_index, job.exam_index, 15]).spawn(2)
+    return np.random.default_rng(contrast), np.random.default_rng(marrow)
+
+
 def lesion_kinds(job: ExamJob, rng: np.random.Generator) -> list[str]:
     """Appearance class of each planned lesion: the patient's phenotype, or per lesion when mixed."""
     n = len(job.lesion_volumes_ml)

@@ -47,8 +47,34 @@ MARROW_T1 = {1: 560.0, 2: 560.0, 3: 560.0, 4: 600.0, 5: 780.0, 6: 780.0, 7: 620.
 MARROW_HU = {1: 320.0, 2: 300.0, 3: 290.0, 4: 260.0, 5: 200.0, 6: 210.0, 7: 280.0, 8: 320.0, 9: 300.0, 10: 340.0, 11: 220.0}
 
 #: mimic kind → (T1, b1000) and HU
-MIMIC_MR = {"lymph_node": (330.0, 300.0), "haemangioma": (980.0, 70.0), "bone_island": (60.0, 8.0), "implant": (0.0, 0.0)}
-MIMIC_HU = {"lymph_node": 40.0, "haemangioma": 90.0, "bone_island": 1000.0, "implant": 3500.0}
+#: (difficulty feature ``bone_mimics``, ours) a healing fracture is marrow oedema: dark on T1,
+#: moderately bright on b1000, like a low-contrast lesion; a treated sclerotic focus is very dark
+#: on T1 and faintly bright on b1000 (T2 shine-through), dense on CT
+MIMIC_MR = {"lymph_node": (330.0, 300.0), "haemangioma": (980.0, 70.0), "bone_island": (60.0, 8.0), "implant": (0.0, 0.0),
+            "fracture": (280.0, 150.0), "sclerosis": (110.0, 95.0)}
+MIMIC_HU = {"lymph_node": 40.0, "haemangioma": 90.0, "bone_island": 1000.0, "implant": 3500.0,
+            "fracture": 620.0, "sclerosis": 780.0}
+#: (difficulty feature ``marrow``, ours) fully cellular red marrow: T1 x (1 - 0.4), b1000 + 110
+#: (restricted diffusion, up to low-contrast-lesion levels), CT + 90 HU
+CELLULAR_T1_DROP = 0.4
+CELLULAR_B1000_RISE = 110.0
+CELLULAR_HU_RISE = 90.0
+
+
+def marrow_cellularity(bone: np.ndarray, rng: np.random.Generator, amplitude: float) -> np.ndarray:
+    """Regional marrow variation in [0, ``amplitude``] (0 outside bone): a level per bone (some
+    bones hypercellular, some fatty) plus smooth patches a few centimetres across."""
+    levels = np.zeros(int(bone.max()) + 1, dtype=np.float32)
+    levels[1:] = rng.uniform(0.0, 0.6, size=levels.size - 1)
+    patches = np.clip(smooth_noise(rng, bone.shape, coarse=5), 0.0, 1.0).astype(np.float32)
+    cellularity = np.clip(levels[bone] + 0.8 * patches, 0.0, 1.0) * np.float32(amplitude)
+    cellularity[bone == 0] = 0.0
+    return cellularity
+
+
+def _with_contrast(background: np.ndarray, target: np.ndarray, contrast: np.ndarray) -> np.ndarray:
+    """Lesion signal at reduced contrast: the local marrow plus ``contrast`` of the full difference."""
+    return background + contrast * (target - background)
 
 
 def _lookup(table: dict[str, float]) -> np.ndarray:
@@ -69,11 +95,15 @@ def render_mr(
     lesions: np.ndarray,
     mimics: np.ndarray,
     rng: np.random.Generator,
+    lesion_contrast: np.ndarray | None = None,
+    cellularity: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """T1 and b1000 images (int16, same shape as ``tissue``).
 
     ``bone``: bone value per voxel (0 none); ``cortex``: bool rim of the bones; ``lesions``: lesion
-    instance ids (0 none); ``mimics``: 1 + index in :data:`MIMIC_KINDS` (0 none).
+    instance ids (0 none); ``mimics``: 1 + index in :data:`MIMIC_KINDS` (0 none). Difficulty
+    features (None: off, and the image is exactly as without them): ``lesion_contrast[i]`` is lesion
+    i's contrast factor (index 0 unused); ``cellularity`` the marrow map of :func:`marrow_cellularity`.
     """
     shape = tissue.shape
     t1_table = np.array([MR_SIGNAL[n][0] for n in TISSUES], dtype=np.float32)
@@ -86,6 +116,9 @@ def render_mr(
     inside_bone = bone > 0
     t1 *= 1.0 + 0.05 * texture + np.where(inside_bone, 0.10 * marrow_patches, 0.0).astype(np.float32)
     dwi *= 1.0 + 0.15 * texture
+    if cellularity is not None:
+        t1 *= 1.0 - CELLULAR_T1_DROP * cellularity
+        dwi += CELLULAR_B1000_RISE * cellularity
     # sub-voxel cortex: the rim is part marrow, part cortex
     t1[cortex] = 0.55 * t1[cortex] + 0.45 * MR_SIGNAL["cortex"][0]
     dwi[cortex] = 0.55 * dwi[cortex] + 0.45 * MR_SIGNAL["cortex"][1]
@@ -95,8 +128,14 @@ def render_mr(
         t1_levels = rng.uniform(140.0, 260.0, size=n + 1).astype(np.float32)
         dwi_levels = rng.uniform(230.0, 460.0, size=n + 1).astype(np.float32)
         heterogeneity = 1.0 + 0.15 * smooth_noise(rng, shape, coarse=2)
-        t1[lesion] = (t1_levels[lesions] * heterogeneity)[lesion]
-        dwi[lesion] = (dwi_levels[lesions] * heterogeneity)[lesion]
+        t1_lesion = (t1_levels[lesions] * heterogeneity)[lesion]
+        dwi_lesion = (dwi_levels[lesions] * heterogeneity)[lesion]
+        if lesion_contrast is not None:
+            contrast = lesion_contrast.astype(np.float32)[lesions[lesion]]
+            t1_lesion = _with_contrast(t1[lesion], t1_lesion, contrast)
+            dwi_lesion = _with_contrast(dwi[lesion], dwi_lesion, contrast)
+        t1[lesion] = t1_lesion
+        dwi[lesion] = dwi_lesion
     for index, kind in enumerate(MIMIC_KINDS):
         where = mimics == index + 1
         if where.any():
@@ -118,12 +157,17 @@ def render_ct(
     lesion_kinds: list[str],
     mimics: np.ndarray,
     rng: np.random.Generator,
+    lesion_contrast: np.ndarray | None = None,
+    cellularity: np.ndarray | None = None,
 ) -> np.ndarray:
-    """CT image in HU (int16). ``lesion_kinds[i - 1]`` is "lytic" or "blastic" for lesion id i."""
+    """CT image in HU (int16). ``lesion_kinds[i - 1]`` is "lytic" or "blastic" for lesion id i;
+    ``lesion_contrast`` and ``cellularity``: the difficulty features, as in :func:`render_mr`."""
     shape = tissue.shape
     hu = _bone_values(bone, MARROW_HU, _lookup(CT_HU)[tissue])
     texture = smooth_noise(rng, shape, coarse=3)
     hu += np.where(bone > 0, 40.0 * texture, 6.0 * texture).astype(np.float32)
+    if cellularity is not None:
+        hu += CELLULAR_HU_RISE * cellularity
     hu[cortex] = 0.5 * hu[cortex] + 0.5 * CT_HU["cortex"]  # the rim: cortex partial-volumed with marrow
     if lesions.any():
         n = int(lesions.max())
@@ -131,7 +175,10 @@ def render_ct(
         for i, kind in enumerate(lesion_kinds, start=1):
             levels[i] = rng.uniform(10.0, 70.0) if kind == "lytic" else rng.uniform(900.0, 1400.0)
         lesion = lesions > 0
-        hu[lesion] = levels[lesions][lesion] + 40.0 * smooth_noise(rng, shape, coarse=2)[lesion]
+        hu_lesion = levels[lesions][lesion] + 40.0 * smooth_noise(rng, shape, coarse=2)[lesion]
+        if lesion_contrast is not None:
+            hu_lesion = _with_contrast(hu[lesion], hu_lesion, lesion_contrast.astype(np.float32)[lesions[lesion]])
+        hu[lesion] = hu_lesion
     hu = ndimage.gaussian_filter(hu, 0.4)
     # metal and bone islands are painted after the blur: their edges stay sharp and their HU intact
     for index, kind in enumerate(MIMIC_KINDS):

@@ -8,7 +8,10 @@ component of the written mask and lesion counts match exactly.
 
 Mimics are what provokes false positives in the study: lymph nodes (bright on b1000), vertebral
 haemangiomas (bright on T1), sclerotic bone islands (dark on T1, dense on CT) and a metal implant
-(> 2500 HU on CT, a signal void on MR).
+(> 2500 HU on CT, a signal void on MR). Cohorts with the ``bone_mimics`` difficulty feature add
+in-bone mimics that look like a low-contrast lesion: healing fractures (a band of marrow oedema,
+dark on T1 and moderately bright on b1000) and treated sclerotic foci (very dark on T1, faintly
+bright on b1000, dense on CT).
 """
 
 from __future__ import annotations
@@ -34,7 +37,12 @@ LESION_MAX_ML = 25.0
 #: dominate, as in the study's cohort of advanced prostate cancer.
 LESION_SITES: dict[int, float] = {1: 0.05, 2: 0.22, 3: 0.18, 4: 0.26, 5: 0.10, 6: 0.02, 7: 0.02, 8: 0.04, 9: 0.03, RIB: 0.08}
 
-MIMIC_KINDS: tuple[str, ...] = ("lymph_node", "haemangioma", "bone_island", "implant")
+#: new kinds go at the end: the mimic map stores 1 + index, and earlier cohorts must not change
+MIMIC_KINDS: tuple[str, ...] = ("lymph_node", "haemangioma", "bone_island", "implant", "fracture", "sclerosis")
+#: the in-bone mimics of the ``bone_mimics`` difficulty feature (ours), and where they sit
+#: (bone values: spine, pelvis, femurs, ribs)
+BONE_MIMIC_KINDS: tuple[str, ...] = ("fracture", "sclerosis")
+BONE_MIMIC_SITES: dict[str, tuple[int, ...]] = {"fracture": (2, 3, 4, 5, RIB), "sclerosis": (2, 3, 4, 5)}
 
 _NEIGHBOURS = np.ones((3, 3, 3), dtype=bool)
 
@@ -48,6 +56,8 @@ class Finding:
     bone: int  #: bone value at the site (0 for soft tissue)
     n_voxels: int
     centroid_ijk: tuple[float, float, float]  #: canonical array indices
+    #: lesion contrast factor (1 = full contrast; < 1 with the ``low_contrast`` difficulty feature)
+    contrast: float = 1.0
 
     @property
     def region(self) -> str:
@@ -109,6 +119,17 @@ def mimic_plan(rng: np.random.Generator, n_patients: int) -> list[dict[str, int]
         })
     if n_patients >= 3 and not any(p["implant"] for p in plans):
         plans[int(rng.integers(n_patients))]["implant"] = 1
+    return plans
+
+
+def bone_mimic_plan(rng: np.random.Generator, n_patients: int, count_range: tuple[int, int]) -> list[dict[str, int]]:
+    """In-bone mimics per patient (the ``bone_mimics`` difficulty feature): a total uniform in
+    ``count_range``, each a fracture or a sclerotic focus with equal odds."""
+    plans = []
+    for _ in range(n_patients):
+        total = int(rng.integers(count_range[0], count_range[1] + 1))
+        n_fractures = int(rng.binomial(total, 0.5))
+        plans.append({"fracture": n_fractures, "sclerosis": total - n_fractures})
     return plans
 
 
@@ -321,6 +342,10 @@ def place_mimics(
             elif kind == "bone_island":
                 where = int(rng.choice([3, 4, 5]))
                 volume, elongation = rng.uniform(0.05, 0.4), 1.0
+            elif kind in BONE_MIMIC_KINDS:
+                # lesion-sized (0.3-2 mL before scaling); a fracture is a band across the bone
+                where = int(rng.choice(BONE_MIMIC_SITES[kind]))
+                volume, elongation = rng.uniform(0.3, 2.0), (2.5 if kind == "fracture" else 1.0)
             else:  # implant: a rod in a femur
                 where = 5
                 volume, elongation = rng.uniform(2.0, 5.0), 3.0

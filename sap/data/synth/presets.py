@@ -2,12 +2,66 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from sap.errors import SapError
 
 #: the phantom's field of view (mm, array axis order R-L, P-A, I-S): neck to proximal thighs
 FIELD_OF_VIEW_MM = (352.0, 256.0, 704.0)
+
+
+#: the difficulty features a preset can switch on (``sap synth --difficulty``)
+DIFFICULTY_FEATURES: tuple[str, ...] = ("low_contrast", "marrow", "bone_mimics")
+
+
+@dataclass(frozen=True)
+class Difficulty:
+    """What makes real whole-body MRI hard, as knobs (issue 15). Paper 002 (§5) names the
+    difficulties (low-contrast lesions, regional marrow variation, in-bone mimics such as healed
+    fractures and treatment-related sclerosis) but gives no numbers: every value here is ours.
+    All zero (the default) leaves a cohort exactly as it was before these features existed."""
+
+    #: share of lesions drawn at reduced contrast
+    low_contrast_fraction: float = 0.0
+    #: their contrast factor c, uniform in this range: lesion signal = marrow + c x (lesion - marrow)
+    low_contrast_range: tuple[float, float] = (0.15, 0.45)
+    #: amplitude (0 off, 1 full) of regional marrow cellularity: per bone and in patches, red
+    #: marrow darkens T1 and raises b1000 (and HU), up to lesion-like levels
+    marrow_variation: float = 0.0
+    #: in-bone mimics per patient (healed/healing fractures, treated sclerotic foci), uniform in
+    #: [low, high]; never in GT
+    bone_mimics: tuple[int, int] = (0, 0)
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        """The features switched on, in :data:`DIFFICULTY_FEATURES` order."""
+        on = {"low_contrast": self.low_contrast_fraction > 0, "marrow": self.marrow_variation > 0,
+              "bone_mimics": self.bone_mimics[1] > 0}
+        return tuple(f for f in DIFFICULTY_FEATURES if on[f])
+
+    def only(self, features: tuple[str, ...] | list[str]) -> Difficulty:
+        """This difficulty with every feature not in ``features`` switched off."""
+        unknown = sorted(set(features) - set(DIFFICULTY_FEATURES))
+        if unknown:
+            raise SapError(f"--difficulty {','.join(unknown)}: unknown feature; choose from {', '.join(DIFFICULTY_FEATURES)} or none")
+        off = Difficulty()
+        return replace(
+            self,
+            low_contrast_fraction=self.low_contrast_fraction if "low_contrast" in features else off.low_contrast_fraction,
+            marrow_variation=self.marrow_variation if "marrow" in features else off.marrow_variation,
+            bone_mimics=self.bone_mimics if "bone_mimics" in features else off.bone_mimics,
+        )
+
+    def record(self) -> dict:
+        """What cohort.json records."""
+        return {"features": list(self.features), "low_contrast_fraction": self.low_contrast_fraction,
+                "low_contrast_range": list(self.low_contrast_range), "marrow_variation": self.marrow_variation,
+                "bone_mimics": list(self.bone_mimics)}
+
+
+#: the study-cpu cohort's difficulty (issue 15), chosen so that the non-learning reference detector
+#: finds at most half of the large lesions at 1 false positive per exam (BENCHMARKS.md)
+STUDY_DIFFICULTY = Difficulty(low_contrast_fraction=0.5, marrow_variation=1.0, bone_mimics=(1, 3))
 
 
 @dataclass(frozen=True)
@@ -24,6 +78,7 @@ class Preset:
     #: lesion and mimic volumes are the study's distribution times this factor (1 = the paper's
     #: median 0.5 mL); a coarse grid needs larger lesions to span learnable voxel counts
     lesion_volume_scale: float = 1.0
+    difficulty: Difficulty = field(default_factory=Difficulty)
 
     def __post_init__(self) -> None:
         if len(self.grid) != 3 or min(self.grid) < 8 or len(self.spacing) != 3 or min(self.spacing) <= 0:
@@ -39,6 +94,8 @@ class Preset:
 
     def describe(self) -> str:
         scaled = f", lesion volumes x{self.lesion_volume_scale:g}" if self.lesion_volume_scale != 1 else ""
+        if self.difficulty.features:
+            scaled += f", difficulty: {'+'.join(self.difficulty.features)}"
         return (
             f"{self.name}: {self.n_healthy} healthy scans from {len(self.scans_per_subject)} subjects, "
             f"{self.n_patients} patients ({self.n_lesion_free} lesion-free), grid "
@@ -53,6 +110,10 @@ PRESETS: dict[str, Preset] = {
     # lesions (median 0.5 mL) would be 4 voxels; x8 gives a median of ~33 voxels, the order of
     # the paper's lesions at 2 mm (0.5 mL = 62 voxels), and about a quarter >= 8 mL
     "demo": Preset("demo", (64, 64, 128), (5.5, 4.0, 5.5), (2, 2, 2), 9, 1, 25, lesion_volume_scale=8.0),
+    # the CPU study (issue 15): the demo's grid and lesion scale, the paper's patient count, and
+    # the difficulty features on, so the study measures more than a bright-spot detector
+    "study-cpu": Preset("study-cpu", (64, 64, 128), (5.5, 4.0, 5.5), (2,) * 6, 40, 3, 25,
+                        lesion_volume_scale=8.0, difficulty=STUDY_DIFFICULTY),
     # paper scale: 71 healthy scans of 24 subjects, 40 patients, 2 mm
     "paper": Preset("paper", (176, 128, 352), (2.0, 2.0, 2.0), (3,) * 23 + (2,), 40, 3, 40),
 }
