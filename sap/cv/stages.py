@@ -51,6 +51,20 @@ def finetune(cfg: Config, init: str, fold: int, run_root: Path, pretrained: Path
     return Path(getattr(result, "out_dir", run_root))
 
 
+def fine_tuning_start(cfg: Config, init: str, pretrained: Path | str | None) -> dict[str, Any]:
+    """The weights a fine-tuning with ``cfg`` started from (before its first step), rebuilt: the
+    stage seeds torch with ``finetune.seed`` and then builds the init's model (random parts from
+    that seed, the pretrained part from ``pretrained``), so the same calls in the same order give
+    the same tensors. The output head ``out.*`` differs: fine-tuning then sets its bias to the
+    lesion prior of the training exams (``finetune.prior_head``). Parameters only (no buffers)."""
+    from sap.finetune.train import build_model
+    from sap.models.training import seed_everything
+
+    seed_everything(cfg.finetune.seed)
+    model = build_model(cfg, init, len(cfg.data.channels), pretrained, verbose=False)
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
 # ------------------------------------------------------------------------------------ inference
 def load_predictor(checkpoint: Path | str, cfg: Config) -> Any:
     """A loaded lesion model (checkpoint or bundle) from ``sap.infer``, reused across cases."""
