@@ -101,7 +101,9 @@ def markdown(drifts: list[dict], skeletal: dict | None, cfg: Any, run_root: Path
     from sap.run_layout import INIT_OF
 
     lines = [f"Encoder drift in {run_root}: relative L2 change ‖θ_fine-tuned − θ_start‖ / ‖θ_start‖ "
-             f"(checkpoint `{cfg.cv.checkpoint}.pt`; encoder = `{'`, `'.join(cfg.model.encoder_patterns)}`*).", ""]
+             f"(checkpoint `{cfg.cv.checkpoint}.pt`; swinViT = the Swin transformer; encoder = the fine-tuning's encoder "
+             f"learning-rate group, names starting with `{'`, `'.join(cfg.model.encoder_patterns)}`; decoder = the rest "
+             "but the head `out`).", ""]
     head = ["method", "fold", "seed", "lr encoder / decoder", *GROUPS]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for d in drifts:
@@ -120,7 +122,7 @@ def markdown(drifts: list[dict], skeletal: dict | None, cfg: Any, run_root: Path
             values = [v for v in values if math.isfinite(v)]
             cells.append(_fmt(sum(values) / len(values)) if values else "–")
         lines.append(f"| {block} | " + " | ".join(cells) + " |")
-    lines += ["", "*`out`: the head, whose bias fine-tuning sets to the lesion prior before the first step (so its "
+    lines += ["", "`out`: the head, whose bias fine-tuning sets to the lesion prior before the first step (so its "
               "change includes that reset). SSL pretrains `swinViT` only: its `encoder1`-`encoder10` and decoder "
               "start random, like the baseline's whole network."]
     if skeletal is not None:

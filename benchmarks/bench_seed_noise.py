@@ -56,6 +56,9 @@ COLUMNS: tuple[tuple[str, str, int], ...] = (
 
 
 def _link_or_copy(src: str, dst: str) -> str:
+    """Hard link (copy across file systems); an existing ``dst`` is kept (a resumed run)."""
+    if os.path.lexists(dst):
+        return dst
     try:
         os.link(src, dst)
     except OSError:
