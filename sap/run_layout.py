@@ -14,7 +14,8 @@ all ask :class:`RunDir` for their paths::
                                     evaluation/ as a network method, no training
     RUN/{method}/predictions/       CASE_prob.nii.gz of every test case, each by its own fold model
     RUN/{method}/threshold.json     the tuned operating point (shared or per fold)
-    RUN/{method}/evaluation/        patients.csv, lesions.csv, summary.json, regions.csv
+    RUN/{method}/evaluation/        patients.csv, lesions.csv, summary.json, regions.csv,
+                                    candidates.csv (FROC candidates, sap.cv.stages)
     RUN/{method}/ensemble_tuning/   mean tuning-fold maps of the fold models (sap cv --export),
     RUN/{method}/ensemble_threshold.json   and the threshold tuned on them for the bundle
     RUN/features/{ssl,sap}.npz      t-SNE features of the pretrained encoders

@@ -1,6 +1,7 @@
 """The study report (SPEC §10), rebuilt from the files of a run folder (``sap report --run RUN``).
 
-Reads ``RUN/{method}/evaluation`` (patients.csv, lesions.csv, summary.json, regions.csv),
+Reads ``RUN/{method}/evaluation`` (patients.csv, lesions.csv, summary.json, regions.csv,
+candidates.csv),
 ``RUN/{method}/threshold.json``, the fine-tuning and pretraining logs, ``RUN/features/*.npz``,
 the cohort's ``cohort.json`` and, for the overlays, the cohort images and stored probability
 maps. Writes ``RUN/report/report.md``, ``report.html`` (self-contained: figures embedded),
@@ -756,6 +757,21 @@ def _write_report(run: RunDir, out: Path, cfg: Any, results: dict[str, MethodRes
                "Mann–Whitney U (lesion-level metrics), two-sided; * < 0.05, ** < 0.01, *** < 0.001, "
                "n.s. otherwise. Unadjusted p and n: tables/significance.csv.")
         b.table(sig_wide.drop(columns=["key"]).rename(columns={"metric": "Metric", "test": "Test"}))
+
+    if len(networks) >= 2:
+        from sap.cv.paired import paired_differences, paired_differences_wide
+
+        seed = cfg.evaluate.seed if cfg else 0
+        diffs = paired_differences(run, {m: results[m].patients for m in networks}, cfg, n_boot, seed)
+        if diffs is not None and len(diffs):
+            diffs.to_csv(tab_dir / "paired_differences.csv", index=False)
+            b.heading("Paired differences between methods")
+            b.para(f"Difference [95 % percentile-bootstrap CI, {n_boot} resamples of the test exams, the same exams "
+                   "for both methods; not adjusted for multiplicity]: mean over exams of the per-exam difference "
+                   "(exams where either value is undefined dropped), and for FROC-AUC the difference of the pooled "
+                   "AUCs recomputed on each resample. A CI that excludes 0 is evidence of a difference; n and the "
+                   "long form: tables/paired_differences.csv.")
+            b.table(paired_differences_wide(diffs).drop(columns=["key"]))
 
     # Figures
     b.heading("Figures")

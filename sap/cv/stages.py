@@ -17,6 +17,7 @@ import numpy as np
 from sap.config import Config
 from sap.data.cases import Case
 from sap.errors import SapError
+from sap.files import atomic_write_text
 
 
 def _missing(stage: str, name: str) -> SapError:
@@ -48,6 +49,20 @@ def finetune(cfg: Config, init: str, fold: int, run_root: Path, pretrained: Path
     result = run_finetune(cfg, init, fold, pretrained=pretrained, resume=resume, overwrite=not resume,
                           progress=True)
     return Path(getattr(result, "out_dir", run_root))
+
+
+def fine_tuning_start(cfg: Config, init: str, pretrained: Path | str | None) -> dict[str, Any]:
+    """The weights a fine-tuning with ``cfg`` started from (before its first step), rebuilt: the
+    stage seeds torch with ``finetune.seed`` and then builds the init's model (random parts from
+    that seed, the pretrained part from ``pretrained``), so the same calls in the same order give
+    the same tensors. The output head ``out.*`` differs: fine-tuning then sets its bias to the
+    lesion prior of the training exams (``finetune.prior_head``). Parameters only (no buffers)."""
+    from sap.finetune.train import build_model
+    from sap.models.training import seed_everything
+
+    seed_everything(cfg.finetune.seed)
+    model = build_model(cfg, init, len(cfg.data.channels), pretrained, verbose=False)
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
 # ------------------------------------------------------------------------------------ inference
@@ -98,7 +113,8 @@ def evaluate_pairs(
     extra: Callable[[], dict[str, Callable[[Path], Any]]] | None = None,
 ) -> tuple[list[Any], dict[str, Any]]:
     """Evaluate (case, ground truth, prediction) triples, each at its own settings; write
-    ``patients.csv``, ``lesions.csv``, ``summary.json`` to ``out_dir``. Returns (results, summary).
+    ``patients.csv``, ``lesions.csv``, ``summary.json`` and, for probability maps,
+    ``candidates.csv`` (:func:`write_candidates`) to ``out_dir``. Returns (results, summary).
 
     Uses ``sap.evaluate``'s file reading and writing and ``sap.metrics`` for the rules; the pairs
     are given explicitly because a study's test cases and their predictions live in different
@@ -116,8 +132,28 @@ def evaluate_pairs(
         if on_case is not None:
             on_case(case_id, prob, mask, spacing)
     summary = summarize(results, summary_settings)
-    write_outputs(out_dir, results, summary, overwrite=True, extra=extra() if extra is not None else None)
+    files = extra() if extra is not None else {}
+    if results and all(r.candidates is not None for r in results):
+        files = {CANDIDATES_FILE: lambda p: write_candidates(p, results), **files}
+    write_outputs(out_dir, results, summary, overwrite=True, extra=files)
     return results, summary
+
+
+#: the FROC candidates of every evaluated test case (paired FROC bootstrap of the report)
+CANDIDATES_FILE = "candidates.csv"
+
+
+def write_candidates(path: Path, results: Sequence[Any]) -> Path:
+    """``candidates.csv`` (:data:`sap.metrics.CANDIDATE_COLUMNS`) of evaluated cases, so the report
+    can redraw FROC curves on resampled cases without reading the probability maps again."""
+    import pandas as pd
+
+    from sap.metrics import CANDIDATE_COLUMNS, candidate_rows
+
+    rows = [row for r in results for row in candidate_rows(r.case_id, r.candidates)]
+    # repr-precision floats: the stored scores give back the evaluation's FROC exactly
+    text = pd.DataFrame(rows, columns=list(CANDIDATE_COLUMNS)).to_csv(index=False, float_format="%.17g")
+    return atomic_write_text(path, text)
 
 
 def read_evaluation_order(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:

@@ -274,21 +274,28 @@ class Study:
                                              cfg.evaluate.connectivity, cfg.evaluate.volume_threshold_ml))
         return out
 
-    def tune(self, method: str) -> dict[str, Any]:
-        """E9 on the tuning fold: shared over all fold models or per fold; writes threshold.json."""
+    def _pick(self, counts: list[dict]) -> dict[str, Any]:
+        """The E9 operating point of tuning-case counts (of one or several fold models)."""
         from sap.metrics import tune_threshold
 
+        try:
+            t, mv, best, table = tune_threshold(counts, self.cfg.tuning.objective)
+        except ValueError as exc:
+            raise SapError(f"{self.run.splits}: cannot tune the threshold on the tuning fold: {exc}") from exc
+        return {"threshold": t, "min_volume_ml": mv, "objective_value": best,
+                "objective_by_threshold": {f"{k[0]:g}@{k[1]:g}": v for k, v in sorted(table.items())}}
+
+    def tune_fold(self, method: str, fold: int) -> dict[str, Any]:
+        """E9 on the tuning fold for one fold model alone (``cv.threshold: per_fold``'s point of
+        that fold; a partial run with ``--folds`` can be scored with it). Writes nothing."""
+        return self._pick(self._tuning_counts(self.run.tuning_predictions(method, fold)))
+
+    def tune(self, method: str) -> dict[str, Any]:
+        """E9 on the tuning fold: shared over all fold models or per fold; writes threshold.json."""
         objective = self.cfg.tuning.objective
         per_fold_counts = {f: self._tuning_counts(self.run.tuning_predictions(method, f))
                            for f in self.splits.test_folds}
-
-        def pick(counts: list[dict]) -> dict[str, Any]:
-            try:
-                t, mv, best, table = tune_threshold(counts, objective)
-            except ValueError as exc:
-                raise SapError(f"{self.run.splits}: cannot tune the threshold on the tuning fold: {exc}") from exc
-            return {"threshold": t, "min_volume_ml": mv, "objective_value": best,
-                    "objective_by_threshold": {f"{k[0]:g}@{k[1]:g}": v for k, v in sorted(table.items())}}
+        pick = self._pick
 
         shared = pick([c for f in self.splits.test_folds for c in per_fold_counts[f]])
         folds = {str(f): pick(per_fold_counts[f]) for f in self.splits.test_folds}

@@ -15,6 +15,7 @@ from sap.metrics.case import (
     detection_counts_grid,
     evaluate_case,
     f2_score,
+    froc_case_candidates,
     is_binary_prediction,
     label_ground_truth,
     lesion_dice_nsd,
@@ -33,13 +34,18 @@ from sap.metrics.components import (
 )
 from sap.metrics.cumulative import CumulativeMean
 from sap.metrics.froc import (
+    CANDIDATE_COLUMNS,
     CaseCandidates,
     FrocCurve,
+    candidate_rows,
+    candidates_from_rows,
     froc_auc,
     froc_auc_bootstrap_ci,
     froc_candidates,
     froc_score,
     froc_sweep,
+    paired_froc_auc_difference,
+    resampled_froc_aucs,
     sensitivity_at,
 )
 from sap.metrics.pooled import (
@@ -56,6 +62,7 @@ from sap.metrics.stats import (
     describe,
     icc_a1,
     mann_whitney,
+    paired_bootstrap_difference,
     shapiro_p,
     stars,
     wilcoxon_paired,
@@ -64,13 +71,13 @@ from sap.metrics.surface import dice, normalized_surface_dice, surfel_area_table
 from sap.metrics.tuning import tune_threshold, tuning_objective
 
 __all__ = [
-    "CASE_METRICS", "DEFAULT_GRID", "LESION_COLUMNS", "LESION_METRICS", "PATIENT_COLUMNS",
+    "CANDIDATE_COLUMNS", "CASE_METRICS", "DEFAULT_GRID", "LESION_COLUMNS", "LESION_METRICS", "PATIENT_COLUMNS",
     "CaseCandidates", "CaseResult", "Components", "CumulativeMean", "DetectionCounts", "EvaluationSettings", "FrocCurve",
-    "Matching", "at_least", "bonferroni", "bootstrap_median_ci", "compare_methods", "cumulative_volume_curves", "describe",
+    "Matching", "at_least", "bonferroni", "bootstrap_median_ci", "candidate_rows", "candidates_from_rows", "compare_methods", "cumulative_volume_curves", "describe",
     "detection_counts", "detection_counts_grid", "dice", "drop_small", "evaluate_case", "f2_score",
-    "froc_auc", "froc_auc_bootstrap_ci", "froc_candidates", "froc_score", "froc_sweep", "icc_a1",
+    "froc_auc", "froc_auc_bootstrap_ci", "froc_candidates", "froc_case_candidates", "froc_score", "froc_sweep", "icc_a1",
     "is_binary_prediction", "label_components", "label_ground_truth", "lesion_dice_nsd", "mann_whitney", "match_components",
-    "nan_to_none", "normalized_surface_dice", "pooled_sensitivity", "precision", "sensitivity",
+    "nan_to_none", "normalized_surface_dice", "paired_bootstrap_difference", "paired_froc_auc_difference", "pooled_sensitivity", "precision", "resampled_froc_aucs", "sensitivity",
     "sensitivity_at", "shapiro_p", "stars", "summarize", "surfel_area_table", "tune_threshold",
     "tuning_objective", "voxel_volume_ml", "wilcoxon_paired",
 ]

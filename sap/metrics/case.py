@@ -366,6 +366,19 @@ def evaluate_case(
     return result
 
 
+def froc_case_candidates(
+    prob: np.ndarray, gt: np.ndarray, spacing: Sequence[float], t_min: float = 0.05, connectivity: int = 26
+) -> CaseCandidates:
+    """E8 candidates of one case alone (what :func:`evaluate_case` stores in ``candidates``):
+    components of prob ≥ ``t_min`` scored by their maximum probability, matched to the lesions."""
+    spacing = tuple(float(x) for x in spacing)
+    vv = voxel_volume_ml(spacing)  # type: ignore[arg-type]
+    gt_c = label_ground_truth(gt, spacing, connectivity)
+    mask = prob >= t_min
+    settings = EvaluationSettings(t_min=t_min, connectivity=connectivity)
+    return _candidates(gt_c, mask, np.flatnonzero(mask), prob.reshape(-1), settings, vv)
+
+
 def _candidates(
     gt_c: Components, mask: np.ndarray, index: np.ndarray, flat_prob: np.ndarray, s: EvaluationSettings, vv: float
 ) -> CaseCandidates:

@@ -46,6 +46,44 @@ class FrocCurve:
         return {"fppi": [float(x) for x in self.fppi], "sensitivity": [float(y) for y in self.sensitivity]}
 
 
+#: columns of a study's ``candidates.csv``: one ``case`` row per case (so cases without candidates
+#: or lesions still count in the FPPI denominator), one ``candidate`` row per FROC candidate
+#: (score, hit, volume_ml) and one ``lesion`` row per ground-truth lesion (score = highest score of
+#: a candidate hitting it, -inf when none does; volume_ml)
+CANDIDATE_COLUMNS: tuple[str, ...] = ("case", "kind", "score", "hit", "volume_ml")
+
+
+def candidate_rows(case_id: str, candidates: CaseCandidates) -> list[dict]:
+    """Rows of ``candidates.csv`` (:data:`CANDIDATE_COLUMNS`) for one case."""
+    rows: list[dict] = [{"case": case_id, "kind": "case", "score": float("nan"), "hit": False,
+                         "volume_ml": float("nan")}]
+    c = candidates
+    rows += [{"case": case_id, "kind": "candidate", "score": float(s), "hit": bool(h), "volume_ml": float(v)}
+             for s, h, v in zip(c.score, c.hit, c.volume_ml, strict=True)]
+    rows += [{"case": case_id, "kind": "lesion", "score": float(s), "hit": bool(np.isfinite(s)), "volume_ml": float(v)}
+             for s, v in zip(c.gt_best, c.gt_volume_ml, strict=True)]
+    return rows
+
+
+def candidates_from_rows(
+    case: Sequence[str], kind: Sequence[str], score: Sequence[float], hit: Sequence[bool], volume_ml: Sequence[float]
+) -> dict[str, CaseCandidates]:
+    """Inverse of :func:`candidate_rows` over many cases (the columns of ``candidates.csv``):
+    case id → :class:`CaseCandidates`, in order of first appearance. Unknown kinds are an error."""
+    case_a, kind_a = np.asarray(case, dtype=str), np.asarray(kind, dtype=str)
+    score_a, vol_a = np.asarray(score, dtype=np.float64), np.asarray(volume_ml, dtype=np.float64)
+    hit_a = np.asarray(hit, dtype=bool)
+    unknown = set(kind_a.tolist()) - {"case", "candidate", "lesion"}
+    if unknown:
+        raise ValueError(f"unknown candidate kinds: {', '.join(sorted(unknown))}")
+    out: dict[str, CaseCandidates] = {}
+    for case_id in dict.fromkeys(case_a.tolist()):
+        own = case_a == case_id
+        cand, les = own & (kind_a == "candidate"), own & (kind_a == "lesion")
+        out[case_id] = CaseCandidates(score_a[cand], hit_a[cand], vol_a[cand], score_a[les], vol_a[les])
+    return out
+
+
 def froc_candidates(
     cases: Sequence[CaseCandidates], volume_threshold_ml: float | None = None
 ) -> FrocCurve | None:
@@ -151,14 +189,65 @@ def froc_auc_bootstrap_ci(
     """95 % percentile-bootstrap CI of candidate-mode FROC-AUC, resampling cases (E10).
 
     ``idx = default_rng(seed).integers(0, n, (n_bootstrap, n))``; the FPPI denominator is the
-    resampled case count; resamples without any lesion are skipped. Vectorised: every case's hit
-    and false-positive counts at every pooled score are tabulated once, and a resample's curve is
-    the multiplicity-weighted sum of its cases' rows (identical to :func:`froc_candidates` on the
-    resampled list). Returns [nan, nan] when no resample has a curve.
+    resampled case count; resamples without any lesion are skipped. Vectorised (see
+    :func:`resampled_froc_aucs`). Returns [nan, nan] when no resample has a curve.
     """
     n = len(cases)
     if n == 0:
         return [float("nan"), float("nan")]
+    idx = np.random.default_rng(seed).integers(0, n, (n_bootstrap, n))
+    aucs = resampled_froc_aucs(cases, idx, volume_threshold_ml, limit)
+    return _percentile_ci(aucs[np.isfinite(aucs)])
+
+
+def paired_froc_auc_difference(
+    cases_a: Sequence[CaseCandidates],
+    cases_b: Sequence[CaseCandidates],
+    volume_threshold_ml: float | None = None,
+    limit: float = AUC_LIMIT,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict[str, float | list[float] | int]:
+    """Candidate-mode FROC-AUC of method a minus method b on the same cases, with its 95 %
+    percentile-bootstrap CI from a paired bootstrap over cases.
+
+    ``cases_a[i]`` and ``cases_b[i]`` are the same case scored by the two methods (same ground
+    truth). Each resample (``idx = default_rng(seed).integers(0, n, (n_bootstrap, n))``) draws
+    cases with replacement and recomputes both methods' pooled FROC on the same drawn cases;
+    resamples without any lesion (≥ V with ``volume_threshold_ml``) are skipped. The difference is
+    that of the AUCs on all cases (:func:`froc_candidates`, :func:`froc_auc`). Returns
+    ``{"difference", "auc_a", "auc_b", "ci95": [lo, hi], "n"}`` (n = cases); NaN without lesions.
+    """
+    n = len(cases_a)
+    if n != len(cases_b):
+        raise ValueError(f"paired FROC needs the same cases for both methods ({n} and {len(cases_b)})")
+    nan = float("nan")
+    if n == 0:
+        return {"difference": nan, "auc_a": nan, "auc_b": nan, "ci95": [nan, nan], "n": 0}
+    auc_a = froc_auc(froc_candidates(cases_a, volume_threshold_ml), limit)
+    auc_b = froc_auc(froc_candidates(cases_b, volume_threshold_ml), limit)
+    idx = np.random.default_rng(seed).integers(0, n, (n_bootstrap, n))
+    diff = (resampled_froc_aucs(cases_a, idx, volume_threshold_ml, limit)
+            - resampled_froc_aucs(cases_b, idx, volume_threshold_ml, limit))
+    return {"difference": auc_a - auc_b, "auc_a": auc_a, "auc_b": auc_b,
+            "ci95": _percentile_ci(diff[np.isfinite(diff)]), "n": n}
+
+
+def resampled_froc_aucs(
+    cases: Sequence[CaseCandidates],
+    idx: np.ndarray,
+    volume_threshold_ml: float | None = None,
+    limit: float = AUC_LIMIT,
+) -> np.ndarray:
+    """Candidate-mode FROC-AUC of each resample of ``cases`` (rows of ``idx``, (B, n) case indices).
+
+    Every case's hit and false-positive counts at every pooled score are tabulated once, and a
+    resample's curve is the multiplicity-weighted sum of its cases' rows (identical to
+    :func:`froc_candidates` on the resampled list; FPPI denominator n). Returns (B,) AUCs, NaN for
+    a resample without any lesion.
+    """
+    n = len(cases)
+    n_bootstrap = idx.shape[0]
     bests, fps = [], []
     for c in cases:
         best, fp_scores = c.gt_best, c.score[~c.hit]
@@ -176,23 +265,22 @@ def froc_auc_bootstrap_ci(
         hits[i] = hit_sorted.size - np.searchsorted(hit_sorted, thresholds, side="left")
         false[i] = fp_sorted.size - np.searchsorted(fp_sorted, thresholds, side="left")
         n_gt[i] = best.size
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, (n_bootstrap, n))
     weights = np.zeros((n_bootstrap, n))
     np.add.at(weights, (np.repeat(np.arange(n_bootstrap), n), idx.ravel()), 1.0)
-    aucs = []
+    aucs = np.full(n_bootstrap, np.nan)
     chunk = max(1, int(4e6 // max(thresholds.size, 1)))
     for lo in range(0, n_bootstrap, chunk):
         w = weights[lo:lo + chunk]
         total = w @ n_gt
-        w = w[total > 0]
+        has = total > 0
+        w = w[has]
         if w.shape[0] == 0:
             continue
         zeros = np.zeros((w.shape[0], 1))
         sens = np.hstack([zeros, (w @ hits) / (w @ n_gt)[:, None]])
         fppi = np.hstack([zeros, (w @ false) / n])
-        aucs.append(_auc_rows(fppi, sens, limit))
-    return _percentile_ci(np.concatenate(aucs) if aucs else [])
+        aucs[lo:lo + chunk][has] = _auc_rows(fppi, sens, limit)
+    return aucs
 
 
 def _auc_rows(x: np.ndarray, y: np.ndarray, limit: float) -> np.ndarray:

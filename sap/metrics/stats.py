@@ -2,7 +2,8 @@
 
 Pinned calls (so numbers are reproducible across machines): a fresh
 ``numpy.random.default_rng(seed)`` per metric and method, ``idx = rng.integers(0, n, (B, n))``,
-the CI = ``numpy.percentile`` of the row medians at 2.5 and 97.5; quartiles with
+the CI = ``numpy.percentile`` of the row medians at 2.5 and 97.5 (of the row means of the paired
+differences for :func:`paired_bootstrap_difference`); quartiles with
 ``numpy.percentile`` (linear); ``scipy.stats.wilcoxon(zero_method='wilcox')`` and
 ``scipy.stats.mannwhitneyu(use_continuity=True)``, both two-sided.
 """
@@ -39,6 +40,35 @@ def bootstrap_median_ci(
     medians = np.median(a[idx], axis=1)
     lo, hi = np.percentile(medians, [2.5, 97.5])
     return [float(lo), float(hi)]
+
+
+def paired_bootstrap_difference(
+    a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, n_bootstrap: int = 1000, seed: int = 0
+) -> dict[str, Any]:
+    """Mean paired difference a − b with its 95 % percentile-bootstrap CI, resampling cases.
+
+    ``a``, ``b``: one value per case, aligned (the same case at the same index). Cases where
+    either value is NaN or infinite are dropped first (pairwise deletion); each resample draws the
+    remaining cases with replacement (``idx = default_rng(seed).integers(0, n, (B, n))``) and so
+    takes both methods' values of the same cases. The mean, not the median: per-case metrics
+    such as sensitivity or FP counts are mostly tied between methods, so the median difference
+    (and every resample's) is 0 even when the methods differ on some cases.
+    Returns ``{"difference", "ci95": [lo, hi], "n"}``; NaN and [nan, nan] with n = 0 when no
+    complete pair is left. Identical inputs give 0 and [0, 0].
+    """
+    x, y = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    if x.shape != y.shape:
+        raise ValueError(f"paired values differ in length ({x.size} and {y.size})")
+    ok = np.isfinite(x) & np.isfinite(y)
+    diff = x[ok] - y[ok]
+    nan = float("nan")
+    if diff.size == 0:
+        return {"difference": nan, "ci95": [nan, nan], "n": 0}
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, diff.size, (n_bootstrap, diff.size))
+    means = diff[idx].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return {"difference": float(diff.mean()), "ci95": [float(lo), float(hi)], "n": int(diff.size)}
 
 
 def shapiro_p(values: Sequence[float] | np.ndarray) -> float:
