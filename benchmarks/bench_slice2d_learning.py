@@ -77,12 +77,30 @@ def scores(probs: list[np.ndarray], masks: list[np.ndarray], threshold: float = 
     from sap.slice2d.metrics import score_slice, summarise
 
     per_slice, inter, total = [], 0, 0
+    lesion_slice_dice, false_positive_slices = [], 0
     for p, m in zip(probs, masks, strict=True):
         pred, gt = p >= threshold, m > 0
-        per_slice.append(score_slice(pred, gt, distances=False))
+        score = score_slice(pred, gt, distances=False)
+        per_slice.append(score)
+        if gt.any():
+            lesion_slice_dice.append(score.dice)
+        elif pred.any():
+            false_positive_slices += 1
         inter += int(np.count_nonzero(pred & gt))
         total += int(np.count_nonzero(pred)) + int(np.count_nonzero(gt))
-    return {"dice": summarise(per_slice)["dice"], "dice_pooled": 2.0 * inter / total if total else math.nan}
+    return {
+        "dice": summarise(per_slice)["dice"],
+        "dice_pooled": 2.0 * inter / total if total else math.nan,
+        # where the per-slice Dice is lost: the lesion slices' own mean, and lesion-free slices
+        # with a false positive (each scores 0)
+        "dice_lesion_slices": float(np.mean(lesion_slice_dice)) if lesion_slice_dice else math.nan,
+        "fp_slices": false_positive_slices,
+    }
+
+
+def threshold_sweep(probs: list[np.ndarray], masks: list[np.ndarray], thresholds: tuple[float, ...] = (0.3, 0.4, 0.6, 0.7)) -> dict[str, float]:
+    """Per-slice Dice of the same predictions at other thresholds (free: no extra training)."""
+    return {f"dice_t{t:g}": scores(probs, masks, t)["dice"] for t in thresholds}
 
 
 class Clock:
@@ -116,7 +134,7 @@ def run_sap(cfg, train, val, seed: int, steps: int, every: int) -> list[dict]:
     def recording_validate(model, kind, val_set, size, threshold, device):
         t0, cpu = time.process_time(), clock.now()
         probs = T.predict_slices(model, kind, val_set.images, size, device=device)
-        point = {"step": step["n"], "cpu_s": cpu, **scores(probs, val_set.masks, threshold)}
+        point = {"step": step["n"], "cpu_s": cpu, **scores(probs, val_set.masks, threshold), **threshold_sweep(probs, val_set.masks)}
         curve.append(point)
         print(json.dumps({"recipe": "sap", "seed": seed, **point}), flush=True)
         clock.excluded += time.process_time() - t0
@@ -165,7 +183,7 @@ def run_peer(cfg, train, val, seed: int, steps: int, every: int, loss_kind: str)
         if step % every == 0 or step == steps:
             t0, cpu = time.process_time(), clock.now()
             probs = predict_slices(model, "unet", val.images, s.image_size)
-            point = {"step": step, "cpu_s": cpu, **scores(probs, val.masks, s.threshold)}
+            point = {"step": step, "cpu_s": cpu, **scores(probs, val.masks, s.threshold), **threshold_sweep(probs, val.masks)}
             curve.append(point)
             print(json.dumps({"recipe": f"peer-{loss_kind}", "seed": seed, **point}), flush=True)
             clock.excluded += time.process_time() - t0

@@ -241,6 +241,30 @@ def test_ct_lesions_are_lytic_or_blastic():
     assert seen
 
 
+def test_ct_lesion_kinds_mix_within_a_patient():
+    """Each CT lesion draws its kind with its patient's blastic share: a predominantly lytic patient
+    also has blastic lesions and the reverse, at the shares of CT_BLASTIC_SHARE."""
+    from sap.data.synth.exam import CT_BLASTIC_SHARE, lesion_kinds
+
+    job = next(j for j in plan_cohort(PRESETS["tiny"], "ct", seed=7) if j.group == "patients")
+    rng = np.random.default_rng(0)
+    for phenotype, share in CT_BLASTIC_SHARE.items():
+        kinds = lesion_kinds(dataclasses.replace(job, phenotype=phenotype, lesion_volumes_ml=(1.0,) * 2000), rng)
+        assert set(kinds) == {"lytic", "blastic"}
+        assert abs(kinds.count("blastic") / 2000 - share) < 0.05
+
+
+def test_mr_lesion_kinds_take_no_random_number():
+    """MR lesions are all "metastasis" and draw nothing from the placement generator, so the CT
+    lesion mix leaves MR cohorts byte-identical."""
+    from sap.data.synth.exam import lesion_kinds
+
+    job = next(j for j in plan_cohort(PRESETS["tiny"], "mr", seed=7) if j.group == "patients" and j.lesion_volumes_ml)
+    rng = np.random.default_rng(0)
+    assert lesion_kinds(job, rng) == ["metastasis"] * len(job.lesion_volumes_ml)
+    assert rng.random() == np.random.default_rng(0).random()
+
+
 def test_existing_output_is_refused_and_left_untouched(micro, tmp_path, capsys):
     out = tmp_path / "taken"
     out.mkdir()

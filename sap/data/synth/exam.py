@@ -28,6 +28,11 @@ GROUP_CODES = {"healthy": 1, "patients": 2}
 CHANNELS = {"mr": ("T1", "b1000"), "ct": ("CT",)}
 #: CT lesion phenotype per patient (prostate cancer metastases are often blastic)
 CT_PHENOTYPES = (("lytic", 0.45), ("blastic", 0.35), ("mixed", 0.20))
+#: share of a CT patient's lesions that are blastic, by phenotype: each lesion's kind is drawn on its
+#: own, so a predominantly lytic patient also has the odd blastic lesion and the reverse, as patients
+#: with mixed lytic/blastic metastases do (one kind per patient made the 2D training patients of the
+#: demo cohort cover one kind and its validation patients the other; docs/cohort.md)
+CT_BLASTIC_SHARE = {"lytic": 0.2, "blastic": 0.8, "mixed": 0.5}
 
 
 @dataclass(frozen=True)
@@ -78,8 +83,11 @@ def difficulty_generators(job: ExamJob) -> tuple[np.random.Generator, np.random.
 
 
 def lesion_kinds(job: ExamJob, rng: np.random.Generator) -> list[str]:
-    """Appearance class of each planned lesion: the patient's phenotype, or per lesion when mixed."""
+    """Appearance class of each planned lesion: CT "lytic" or "blastic", each drawn with its
+    patient's blastic share (:data:`CT_BLASTIC_SHARE`); MR "metastasis" for every lesion, without
+    drawing from ``rng`` (MR cohorts do not depend on the CT mix)."""
     n = len(job.lesion_volumes_ml)
-    if job.phenotype != "mixed":
+    share = CT_BLASTIC_SHARE.get(job.phenotype)
+    if share is None:
         return [job.phenotype] * n
-    return [str(k) for k in rng.choice(["lytic", "blastic"], size=n)]
+    return ["blastic" if u < share else "lytic" for u in rng.random(n)]
