@@ -59,8 +59,8 @@ class Difficulty:
                 "bone_mimics": list(self.bone_mimics)}
 
 
-#: the study-cpu cohort's difficulty (issue 15), chosen so that the non-learning reference detector
-#: finds at most half of the large lesions at 1 false positive per exam (BENCHMARKS.md)
+#: the study-cpu cohort's difficulty (issue 15), set on cohort seed 1 before the study: without it a
+#: model from scratch finds every large lesion below 1 false positive per exam (docs/cohort.md)
 STUDY_DIFFICULTY = Difficulty(low_contrast_fraction=0.5, marrow_variation=1.0, bone_mimics=(1, 3))
 
 
