@@ -295,10 +295,8 @@ class Study:
         objective = self.cfg.tuning.objective
         per_fold_counts = {f: self._tuning_counts(self.run.tuning_predictions(method, f))
                            for f in self.splits.test_folds}
-        pick = self._pick
-
-        shared = pick([c for f in self.splits.test_folds for c in per_fold_counts[f]])
-        folds = {str(f): pick(per_fold_counts[f]) for f in self.splits.test_folds}
+        shared = self._pick([c for f in self.splits.test_folds for c in per_fold_counts[f]])
+        folds = {str(f): self._pick(per_fold_counts[f]) for f in self.splits.test_folds}
         if self.cfg.cv.threshold == "shared":
             folds = {f: {**shared, "objective_by_threshold": v["objective_by_threshold"]} for f, v in folds.items()}
         record = {
