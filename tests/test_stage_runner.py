@@ -103,6 +103,21 @@ def test_toy_stage_gets_folder_checkpoints_logs_and_summary_from_the_runner(tmp_
     assert [r["loss"] for r in _rows(spec.out_dir)] == [r["loss"] for r in _rows(folder)]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="deterministic kernels are a CPU-only setting")
+def test_cpu_stages_train_with_deterministic_kernels_and_restore_the_setting(tmp_path):
+    spec, make_parts = toy_stage(tmp_path / "run", load_config("tiny"), max_steps=2)
+    seen = []
+
+    def setup(ctx):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return make_parts(ctx)
+
+    assert not torch.are_deterministic_algorithms_enabled()
+    run_stage(spec, setup, progress=False)
+    assert seen == [True]  # two CPU runs of the same fine-tune drifted apart without it
+    assert not torch.are_deterministic_algorithms_enabled()  # a notebook's own setting comes back
+
+
 def test_resume_is_refused_for_other_settings_or_another_run(tmp_path):
     cfg = load_config("tiny")
     spec, setup = toy_stage(tmp_path / "run", cfg)

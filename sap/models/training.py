@@ -11,6 +11,8 @@ bar. Everything counts in optimiser steps (SPEC §6, §7).
 * :func:`warmup_cosine_schedule`: linear warm-up, then cosine to zero at ``max_steps``.
 * :func:`make_accelerator`: ``accelerate`` on CPU or GPU, fp16 AMP only on CUDA, so
   ``accelerate launch -m sap.<stage>`` and a plain ``python -m`` run the same code.
+* :func:`deterministic_kernels`: deterministic algorithms on CPU, so the same command gives the
+  same weights twice.
 * :func:`training_state` / :func:`restore_training_state`: optimiser, scheduler, AMP scaler, step,
   best metric and every RNG (torch, CUDA, Python, the sampler's numpy generator), stored inside
   ``last.pt`` so ``--resume`` continues to the same weights as an uninterrupted run.
@@ -85,6 +87,27 @@ def make_accelerator(amp: bool = True) -> Any:
     # notebooks) may ask for another precision, so drop the old settings (the process group stays).
     AcceleratorState._reset_state()
     return Accelerator(cpu=not cuda, mixed_precision="fp16" if (amp and cuda) else "no")
+
+
+@contextlib.contextmanager
+def deterministic_kernels(enabled: bool = True) -> Iterator[bool]:
+    """Run a CPU training stage with ``torch.use_deterministic_algorithms(True)``, then restore.
+
+    Without it two runs of the same CPU fine-tune drifted apart from step 21 and ended one lesion
+    apart on a demo seed; with it they are bit-identical at the same speed (BENCHMARKS.md, "CPU
+    fine-tuning is not bit-reproducible"). Not on CUDA: there it would need
+    ``CUBLAS_WORKSPACE_CONFIG`` and slower deterministic cuDNN kernels, a cost a multi-GPU
+    study should not pay silently, so GPU runs stay reproducible only up to atomic-add order.
+    """
+    applied = bool(enabled) and not torch.cuda.is_available()
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    if applied:
+        torch.use_deterministic_algorithms(True)
+    try:
+        yield applied
+    finally:
+        if applied:
+            torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 @contextlib.contextmanager
@@ -510,7 +533,8 @@ def run_stage(
     The runner makes the accelerator, locks the stage folder (main process only,
     :func:`sap.files.folder_lock`), applies the output-folder policy (:func:`prepare_out_dir`),
     refuses a ``--resume`` with other settings (:func:`read_resumable`), seeds torch, Python and
-    the stage's numpy generator, calls ``setup``, restores weights and training state, runs
+    the stage's numpy generator, turns on deterministic kernels on CPU (:func:`deterministic_kernels`),
+    calls ``setup``, restores weights and training state, runs
     :func:`train_loop` with the progress bar, validates every ``spec.val_every`` steps and after
     the last, and writes ``last.pt`` and ``best.pt`` (the same keys: weights, metadata and
     training state; until a validation gives a finite metric ``best.pt`` follows the latest
@@ -523,7 +547,8 @@ def run_stage(
     accelerator = make_accelerator(spec.amp)
     # the main process locks the stage folder (created here, when work starts; removed again when a
     # failed start left it empty); accelerate's other ranks write nothing and take no lock
-    with folder_lock(spec.out_dir) if accelerator.is_main_process else contextlib.nullcontext():
+    lock = folder_lock(spec.out_dir) if accelerator.is_main_process else contextlib.nullcontext()
+    with lock, deterministic_kernels():
         return _run_locked(spec, setup, accelerator, started, resume, overwrite, progress, stop_after)
 
 
