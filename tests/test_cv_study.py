@@ -50,13 +50,19 @@ def study(cohort, tmp_path_factory):
     cfg = load_config("tiny", OVERRIDES)
     cfg.data.root, cfg.out = str(cohort), str(root / "run")
     calls: list[tuple[str, int]] = []
-    real_finetune = stages.finetune
+    bars: list[bool] = []  # the progress setting each training stage was called with
+    real_finetune, real_pretrain = stages.finetune, stages.pretrain
 
-    def counting_finetune(cfg, init, fold, run_root, pretrained, resume):
+    def counting_finetune(cfg, init, fold, run_root, pretrained, resume, progress=True):
         calls.append((init, fold))
-        return real_finetune(cfg, init, fold, run_root, pretrained, resume)
+        bars.append(progress)
+        return real_finetune(cfg, init, fold, run_root, pretrained, resume, progress=progress)
 
-    stages.finetune = counting_finetune
+    def recording_pretrain(cfg, stage, run_root, resume, progress=True):
+        bars.append(progress)
+        return real_pretrain(cfg, stage, run_root, resume, progress=progress)
+
+    stages.finetune, stages.pretrain = counting_finetune, recording_pretrain
     try:
         run_study(cfg, folds="1", progress=False)
         first_calls = list(calls)
@@ -66,14 +72,16 @@ def study(cohort, tmp_path_factory):
         assert not (run_dir / "report" / "report.md").exists()  # the study is not finished yet
         run_study(cfg, export=root / "models", progress=False)
     finally:
-        stages.finetune = real_finetune
+        stages.finetune, stages.pretrain = real_finetune, real_pretrain
     return {"cfg": cfg, "run": run_dir, "root": root, "first_calls": first_calls, "calls": calls,
-            "fold1_files": fold1_files}
+            "fold1_files": fold1_files, "bars": bars}
 
 
 def test_resumed_study_reuses_finished_folds(study):
     assert sorted(study["first_calls"]) == [("sap", 1), ("scratch", 1)]
     assert sorted(study["calls"][len(study["first_calls"]):]) == [("sap", 2), ("scratch", 2)]
+    # progress=False (sap cv/demo --no-progress) reaches the stages: no training bars in a batch log
+    assert len(study["bars"]) == 5 and not any(study["bars"])  # skeletal pretraining + 4 fine-tunes
     for path, mtime in study["fold1_files"].items():
         assert path.stat().st_mtime_ns == mtime, f"{path} was rewritten"
     manifest = json.loads((study["run"] / "manifest.json").read_text())

@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="redo steps whose stored results come from another config; without it such steps are refused")
     parser.add_argument("--no-report", action="store_true", help="skip building the report")
-    parser.add_argument("--no-progress", action="store_true", help="hide the stage display")
+    parser.add_argument("--no-progress", action="store_true", help="hide the stage display and the progress bars")
 
 
 def run(args: argparse.Namespace) -> int:

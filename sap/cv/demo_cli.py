@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a key of the demo config, e.g. --set finetune.max_steps=20 (repeatable)")
     parser.add_argument("--overwrite", action="store_true",
                         help="redo steps whose stored results come from another config; without it they are refused")
-    parser.add_argument("--no-progress", action="store_true", help="hide the stage display")
+    parser.add_argument("--no-progress", action="store_true", help="hide the stage display and the progress bars")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -25,7 +25,7 @@ def _missing(stage: str, name: str) -> SapError:
 
 
 # ------------------------------------------------------------------------------------ pretraining
-def pretrain(cfg: Config, stage: str, run_root: Path, resume: bool) -> Path:
+def pretrain(cfg: Config, stage: str, run_root: Path, resume: bool, progress: bool = True) -> Path:
     """Run ``sap pretrain --stage STAGE`` into ``RUN/pretrain/STAGE``; return the best checkpoint.
 
     Without ``resume`` whatever a killed attempt left before its first checkpoint is replaced
@@ -34,12 +34,13 @@ def pretrain(cfg: Config, stage: str, run_root: Path, resume: bool) -> Path:
     from sap.pretrain import run_pretrain
 
     cfg = dataclasses.replace(cfg, out=str(run_root))
-    result = run_pretrain(cfg, stage, resume=resume, overwrite=not resume, progress=True)
+    result = run_pretrain(cfg, stage, resume=resume, overwrite=not resume, progress=progress)
     return Path(result.best)
 
 
 # ------------------------------------------------------------------------------------ fine-tuning
-def finetune(cfg: Config, init: str, fold: int, run_root: Path, pretrained: Path | None, resume: bool) -> Path:
+def finetune(cfg: Config, init: str, fold: int, run_root: Path, pretrained: Path | None, resume: bool,
+             progress: bool = True) -> Path:
     """Run ``sap finetune --init INIT --fold FOLD`` into ``RUN/{method}/fold_{FOLD}``."""
     try:
         from sap.finetune import run_finetune
@@ -47,7 +48,7 @@ def finetune(cfg: Config, init: str, fold: int, run_root: Path, pretrained: Path
         raise _missing("sap.finetune", "run_finetune") from exc
     cfg = dataclasses.replace(cfg, out=str(run_root))
     result = run_finetune(cfg, init, fold, pretrained=pretrained, resume=resume, overwrite=not resume,
-                          progress=True)
+                          progress=progress)
     return Path(getattr(result, "out_dir", run_root))
 
 

@@ -72,7 +72,7 @@ def evaluation_settings(cfg: Config, threshold: float | None = None, min_volume_
     )
 
 
-def validate_cases(cases: list[Case], cfg: Config) -> None:
+def validate_cases(cases: list[Case], cfg: Config, progress: bool = True) -> None:
     """Read every case not yet in the preprocessing cache with every data rule (grids, NaN/Inf
     voxels, binary masks, skeleton labels; :func:`sap.data.check.check_case`), so a bad exam is
     refused before pretraining starts, not after. Cached cases were checked when cached."""
@@ -82,7 +82,7 @@ def validate_cases(cases: list[Case], cfg: Config) -> None:
     from sap.data.check import check_case
 
     todo = [c for c in cases if not is_cached(c, cfg.data)]
-    for case in tqdm(todo, desc="checking cases", unit="case", file=sys.stderr, disable=len(todo) < 2):
+    for case in tqdm(todo, desc="checking cases", unit="case", file=sys.stderr, disable=not progress or len(todo) < 2):
         check_case(case, cfg)
 
 
@@ -90,14 +90,15 @@ def validate_cases(cases: list[Case], cfg: Config) -> None:
 class Study:
     """A study run: config, run folder, cohort and splits, and its steps."""
 
-    def __init__(self, cfg: Config, overwrite: bool = False, validate: tuple[str, ...] = ()) -> None:
+    def __init__(self, cfg: Config, overwrite: bool = False, validate: tuple[str, ...] = (), progress: bool = True) -> None:
         """``validate``: groups (``patients``, ``healthy``) whose every case is read and checked
-        (:func:`validate_cases`) before anything is written."""
+        (:func:`validate_cases`) before anything is written. ``progress``: the stages' progress bars."""
         if not cfg.out:
             raise SapError("no run folder: pass --out RUN (or set out in the config)")
         self.cfg = cfg
         self.run = RunDir(Path(cfg.out))
         self.overwrite = overwrite
+        self.progress = progress
         self.fold_hashes = {m: fold_hash(cfg, m) for m in ("baseline", "ssl", "sap", REFERENCE)}
         self.pretrain_hashes = {s: pretrain_hash(cfg, s) for s in ("skeletal", "ssl")}
         self.study_hash = settings_hash(cfg, STUDY_SECTIONS)
@@ -106,7 +107,7 @@ class Study:
         missing_gt = [c.case_id for c in self.cohort.patients if c.lesions is None]
         if missing_gt:
             raise SapError(f"{cfg.data.root}: patient cases without a lesion mask (GT): {', '.join(missing_gt[:5])}")
-        validate_cases([c for c in self.cohort.cases if c.group in validate], cfg)
+        validate_cases([c for c in self.cohort.cases if c.group in validate], cfg, progress)
         make_folder(self.run.root)
         self.splits: Splits = load_or_create_splits(self.run.root, self.cohort, cfg)
 
@@ -128,7 +129,7 @@ class Study:
     def _pretrain(self, stage: str, folder: Path) -> Path:
         t0 = time.perf_counter()
         resume = (folder / "last.pt").is_file()
-        checkpoint = stages.pretrain(self.cfg, stage, self.run.root, resume=resume)
+        checkpoint = stages.pretrain(self.cfg, stage, self.run.root, resume=resume, progress=self.progress)
         if not Path(checkpoint).is_file():
             checkpoint = self.pretrained_checkpoint(stage)
         mark_done(folder, "pretrain", self.pretrain_hashes[stage], time.perf_counter() - t0,
@@ -154,7 +155,7 @@ class Study:
                            f"on pretraining or copy RUN/pretrain from the machine that ran it")
         t0 = time.perf_counter()
         stages.finetune(self.cfg, INIT_OF[method], fold, self.run.root, pretrained,
-                        resume=(folder / "last.pt").is_file())
+                        resume=(folder / "last.pt").is_file(), progress=self.progress)
         checkpoint = self.fold_checkpoint(method, fold)
         if not checkpoint.is_file():
             raise SapError(f"{checkpoint}: fine-tuning of {method} fold {fold} finished without this checkpoint")
@@ -195,7 +196,8 @@ class Study:
                     return stages.predict_probability(predictor, case, self.cfg)
             from tqdm.auto import tqdm
 
-            for case_id, out in tqdm(todo, desc=f"predict {method} fold {fold}", unit="case", file=sys.stderr):
+            for case_id, out in tqdm(todo, desc=f"predict {method} fold {fold}", unit="case", file=sys.stderr,
+                                     disable=not self.progress):
                 prob, geometry = probability(self.cases[case_id])
                 out.mkdir(parents=True, exist_ok=True)
                 write_image(np.asarray(prob, dtype=np.float32), geometry, out / f"{case_id}_prob.nii.gz",
@@ -435,10 +437,11 @@ def run_study(
         check_report_folder(RunDir.of(cfg.out))
     # every case the study reads is checked before anything is written or trained
     pretraining = any(PRETRAIN_OF[m] is not None for m in chosen)
-    study = Study(cfg, overwrite=overwrite, validate=("patients", "healthy") if pretraining else ("patients",))
+    runner = progress if isinstance(progress, Progress) else Progress(enabled=progress)
+    study = Study(cfg, overwrite=overwrite, validate=("patients", "healthy") if pretraining else ("patients",),
+                  progress=runner.enabled)
     save_config(cfg, study.run.config)
     write_manifest(study.run, cfg, chosen)
-    runner = progress if isinstance(progress, Progress) else Progress(enabled=progress)
     tasks = plan_tasks(study, chosen, fold_list, Path(export) if export else None, report=report and all_folds)
     try:
         runner.run(tasks)

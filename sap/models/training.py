@@ -94,8 +94,8 @@ def deterministic_kernels(enabled: bool = True) -> Iterator[bool]:
     """Run a CPU training stage with ``torch.use_deterministic_algorithms(True)``, then restore.
 
     Without it two runs of the same CPU fine-tune drifted apart from step 21 and ended one lesion
-    apart on a demo seed; with it they are bit-identical at the same speed (BENCHMARKS.md, "CPU
-    fine-tuning is not bit-reproducible"). Not on CUDA: there it would need
+    apart on a demo seed; with it they are bit-identical at the same speed (BENCHMARKS.md,
+    "Deterministic CPU training"). Not on CUDA: there it would need
     ``CUBLAS_WORKSPACE_CONFIG`` and slower deterministic cuDNN kernels, a cost a multi-GPU
     study should not pay silently, so GPU runs stay reproducible only up to atomic-add order.
     """
