@@ -50,3 +50,25 @@ def test_deviations_are_read_from_the_config_and_the_cohort():
         "lr SAP encoder 0.0002 (paper 2e-06)", "large-lesion cut-off (mL) 8 (paper 1)"]
     assert volume_cutoff_text(cfg, {"lesion_volume_scale": 8}) == (
         "≥ 8 mL (this cohort's lesion volumes are scaled ×8; the paper's cut-off is 1 mL)")
+
+
+def test_manifest_keeps_every_commit_that_ran_the_study_and_the_report_names_them(tmp_path, monkeypatch):
+    import sap.cv.rundir as rundir
+    from sap import __version__
+    from sap.cv.report import provenance_text
+
+    run = rundir.RunDir(tmp_path / "run")
+    run.root.mkdir()
+    cfg = load_config("tiny")
+    for commit in ("a" * 40, "b" * 40 + "+dirty", "b" * 40 + "+dirty"):  # resumed on another checkout, then again
+        monkeypatch.setattr(rundir, "git_commit", lambda commit=commit: commit)
+        rundir.write_manifest(run, cfg, ["sap"])
+    manifest = json.loads(run.manifest.read_text())
+    assert manifest["git_commits"] == ["a" * 40, "b" * 40 + "+dirty"] and manifest["git_commit"] == "b" * 40 + "+dirty"
+    text = provenance_text(manifest)
+    assert f"Run with sap {__version__}" in text and "git aaaaaaaaaaaa, then bbbbbbbbbbbb+dirty" in text
+    assert "report built by" not in text  # the same version built it
+    manifest["packages"]["sap"] = "0.0.1"
+    assert provenance_text(manifest).endswith(f"report built by sap {__version__}.")
+    # a manifest of an older sap (one commit, no list) still reads
+    assert "git cccccccccccc." in provenance_text({"git_commit": "c" * 40, "packages": {"sap": __version__}})

@@ -665,6 +665,18 @@ def check_report_folder(run: RunDir) -> None:
         raise SapError(f"{foreign[0]}: not written by sap report; {run.report} is rebuilt whole, so move it away first")
 
 
+def provenance_text(manifest: dict) -> str:
+    """Which sap ran the study and which built this report: the run's sap version and git
+    commit(s) from ``manifest.json`` (every commit that ran ``sap cv`` or ``sap report`` on the run,
+    oldest first), the builder's version only when it differs."""
+    ran_version = (manifest.get("packages") or {}).get("sap")
+    commits = manifest.get("git_commits") or ([manifest["git_commit"]] if manifest.get("git_commit") else [])
+    ran = f"Run with sap {ran_version or '?'}, config hash {manifest.get('config_hash', '?')}, git "
+    ran += ", then ".join(c[:12] + ("+dirty" if c.endswith("+dirty") else "") for c in commits) if commits else "n/a"
+    built = f"; report built by sap {__version__}" if ran_version != __version__ else ""
+    return ran + built + "."
+
+
 def build_report(run_root: str | Path, progress: bool = True) -> Path:
     """(Re)build ``RUN/report`` from the stored results; returns the path of report.md.
 
@@ -722,7 +734,7 @@ def _write_report(run: RunDir, out: Path, cfg: Any, results: dict[str, MethodRes
            + f". k = {cfg.cv.k if cfg else '?'} folds over "
            f"subjects (fold 0 tunes the threshold; {', '.join(f'{METHOD_LABELS[m]}: {n} test exams' for m, n in n_cases.items())}). "
            f"Threshold: {cfg.cv.threshold if cfg else '?'} (E9 objective {cfg.tuning.objective if cfg else '?'}). "
-           f"sap {__version__}; config hash {manifest.get('config_hash', '?')}; git {manifest.get('git_commit') or 'n/a'}.")
+           f"{provenance_text(manifest)}")
 
     # Table 1 (wide, as in the paper); the long form and the pooled values stay as CSV files
     t1 = table1(results, v_ml)

@@ -181,6 +181,11 @@ def package_versions() -> dict[str, str | None]:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             out[name] = None
+    # the running code's own version (its distribution is called sap-bone, so the lookup above
+    # finds no "sap"; a source tree on PYTHONPATH has no distribution at all)
+    from sap import __version__
+
+    out["sap"] = __version__
     return out
 
 
@@ -218,6 +223,10 @@ def write_manifest(run: RunDir, cfg: Config, methods: list[str], extra: dict[str
             previous = json.loads(run.manifest.read_text())
         except json.JSONDecodeError:
             previous = {}
+    commit = git_commit()
+    commits = list(previous.get("git_commits") or ([previous["git_commit"]] if previous.get("git_commit") else []))
+    if commit and commit not in commits:
+        commits.append(commit)
     manifest = {
         "version": MANIFEST_VERSION,
         "config_hash": settings_hash(cfg, STUDY_SECTIONS),
@@ -228,7 +237,10 @@ def write_manifest(run: RunDir, cfg: Config, methods: list[str], extra: dict[str
         "seeds": {"cv": cfg.cv.seed, "pretrain": cfg.pretrain.seed, "finetune": cfg.finetune.seed,
                   "evaluate": cfg.evaluate.seed},
         "packages": package_versions(),
-        "git_commit": git_commit(),
+        "git_commit": commit,
+        # every commit that ran sap cv or sap report on this run folder, oldest first: a study
+        # resumed or finished on another checkout says so in its report, not only the last one
+        "git_commits": commits,
         "created": previous.get("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
         "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "durations_s": collect_durations(run),
