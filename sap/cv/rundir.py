@@ -41,7 +41,7 @@ from sap.run_layout import (
 METHOD_LABELS = {"baseline": "Baseline", "ssl": "SSL", "sap": "SAP", REFERENCE: "Reference"}
 
 MANIFEST_VERSION = 1
-_PACKAGES = ("sap", "torch", "monai", "numpy", "scipy", "SimpleITK", "nibabel",
+_PACKAGES = ("torch", "monai", "numpy", "scipy", "SimpleITK", "nibabel",
              "connected-components-3d", "pandas", "matplotlib", "scikit-learn", "accelerate")
 
 
@@ -175,17 +175,16 @@ def clear_folder(folder: Path) -> None:
 
 # ---------------------------------------------------------------------------------- manifest
 def package_versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version()}
+    from sap import __version__
+
+    # sap's own version from the running code: its distribution is called sap-bone, and a source
+    # tree on PYTHONPATH has none at all
+    out: dict[str, str | None] = {"python": platform.python_version(), "sap": __version__}
     for name in _PACKAGES:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             out[name] = None
-    # the running code's own version (its distribution is called sap-bone, so the lookup above
-    # finds no "sap"; a source tree on PYTHONPATH has no distribution at all)
-    from sap import __version__
-
-    out["sap"] = __version__
     return out
 
 

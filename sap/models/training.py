@@ -90,7 +90,7 @@ def make_accelerator(amp: bool = True) -> Any:
 
 
 @contextlib.contextmanager
-def deterministic_kernels(enabled: bool = True) -> Iterator[bool]:
+def deterministic_kernels() -> Iterator[None]:
     """Run a CPU training stage with ``torch.use_deterministic_algorithms(True)``, then restore.
 
     Without it two runs of the same CPU fine-tune drifted apart from step 21 and ended one lesion
@@ -99,15 +99,15 @@ def deterministic_kernels(enabled: bool = True) -> Iterator[bool]:
     ``CUBLAS_WORKSPACE_CONFIG`` and slower deterministic cuDNN kernels, a cost a multi-GPU
     study should not pay silently, so GPU runs stay reproducible only up to atomic-add order.
     """
-    applied = bool(enabled) and not torch.cuda.is_available()
+    if torch.cuda.is_available():
+        yield
+        return
     before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    if applied:
-        torch.use_deterministic_algorithms(True)
+    torch.use_deterministic_algorithms(True)
     try:
-        yield applied
+        yield
     finally:
-        if applied:
-            torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 @contextlib.contextmanager
