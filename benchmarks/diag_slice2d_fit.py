@@ -32,42 +32,53 @@ import numpy as np
 SIZE_BINS = (("<=3", 0, 3), ("4-10", 4, 10), (">10", 11, None))
 
 
-def in_bin(sizes: np.ndarray, lo: int, hi: int | None) -> np.ndarray:
-    return (sizes >= lo) & (sizes <= hi) if hi is not None else sizes >= lo
-
-
 def lesion_pixel_bins(masks: list[np.ndarray]) -> dict[str, float]:
     """Slice counts: all, with lesion, and per lesion-pixel bin; the median lesion pixels a slice."""
     pixels = np.array([int(m.sum()) for m in masks])
     lesion = pixels[pixels > 0]
-    counts = {name: int(in_bin(lesion, lo, hi).sum()) for name, lo, hi in SIZE_BINS}
+    bins = [size_bin(int(n)) for n in lesion]
+    counts = {name: bins.count(name) for name, _, _ in SIZE_BINS}
     return {"slices": int(pixels.size), "lesion_slices": int(lesion.size), "median_pixels": float(np.median(lesion)) if lesion.size else 0.0, **counts}
 
 
-def dice_by_size(probs: list[np.ndarray], masks: list[np.ndarray], threshold: float) -> dict[str, float]:
-    """Mean Dice of the lesion slices in each ground-truth size bin."""
-    sizes, dices = [], []
-    for p, m in zip(probs, masks, strict=True):
-        gt, pred = m > 0, p >= threshold
-        if gt.any():
-            sizes.append(int(gt.sum()))
-            dices.append(2.0 * np.count_nonzero(gt & pred) / (np.count_nonzero(gt) + np.count_nonzero(pred)))
-    sizes_a, dices_a = np.array(sizes), np.array(dices)
+def lesion_slice_dice(probs: list[np.ndarray], masks: list[np.ndarray], threshold: float) -> dict[int, float]:
+    """Dice of each slice holding lesion (SPEC §11's :func:`sap.slice2d.metrics.score_slice`), by index."""
+    from sap.slice2d.metrics import score_slice
+
+    return {i: score_slice(p >= threshold, m > 0, distances=False).dice
+            for i, (p, m) in enumerate(zip(probs, masks, strict=True)) if m.any()}
+
+
+def mean_by_group(dice: dict[int, float], group_of: dict[int, str], names: tuple[str, ...]) -> dict[str, str]:
+    """Mean Dice of the lesion slices in each group, with their count."""
     out = {}
-    for name, lo, hi in SIZE_BINS:
-        chosen = in_bin(sizes_a, lo, hi)
-        if chosen.any():
-            out[name] = round(float(dices_a[chosen].mean()), 3)
+    for name in names:
+        values = [d for i, d in dice.items() if group_of[i] == name]
+        if values:
+            out[name] = f"{np.mean(values):.3f} ({len(values)} slices)"
     return out
 
 
-def lesion_kinds(root: Path, slices) -> list[str]:
-    """The CT lesion kind of each slice's lesion pixels (lytic, blastic, mixed; '' without lesion).
+def size_bin(pixels: int) -> str:
+    return next(name for name, lo, hi in SIZE_BINS if pixels >= lo and (hi is None or pixels <= hi))
 
-    The GT masks are binary, so each 3D component is matched to its cohort.json lesion by size."""
+
+def labelled_lesions(root: Path, case: dict) -> tuple[np.ndarray, dict[int, dict]]:
+    """A patient's GT as 3D components and each component's cohort.json lesion record (the GT
+    masks are binary, so components are matched to lesions by voxel count)."""
     import cc3d
 
     from sap.data.io import read_image
+
+    gt = read_image(root / "patients" / case["case_id"] / "GT.nii.gz").array
+    components = cc3d.connected_components(gt > 0, connectivity=26)
+    by_size = {lesion["n_voxels"]: lesion for lesion in case["lesions"]}
+    counts = np.bincount(components.ravel())
+    return components, {label: by_size[int(n)] for label, n in enumerate(counts) if label and int(n) in by_size}
+
+
+def lesion_kinds(root: Path, slices) -> list[str]:
+    """The CT lesion kind of each slice's lesion pixels (lytic, blastic, mixed; '' without lesion)."""
     from sap.slice2d.data import volume_to_slices
 
     cohort = {c["case_id"]: c for c in json.loads((root / "cohort.json").read_text())["cases"]}
@@ -78,33 +89,18 @@ def lesion_kinds(root: Path, slices) -> list[str]:
             out.append("")
             continue
         if case_id not in kind_stacks:
-            gt = read_image(root / "patients" / case_id / "GT.nii.gz").array
-            components = cc3d.connected_components(gt > 0, connectivity=26)
-            by_size = {lesion["n_voxels"]: lesion["kind"] for lesion in cohort[case_id]["lesions"]}
-            codes = np.zeros(components.shape, np.uint8)  # 1 lytic, 2 blastic
-            for label in range(1, int(components.max()) + 1):
-                inside = components == label
-                codes[inside] = {"lytic": 1, "blastic": 2}.get(by_size.get(int(np.count_nonzero(inside)), ""), 0)
-            kind_stacks[case_id] = volume_to_slices(codes)
+            components, lesions = labelled_lesions(root, cohort[case_id])
+            code = np.zeros(int(components.max()) + 1, np.uint8)  # 1 lytic, 2 blastic
+            for label, lesion in lesions.items():
+                code[label] = {"lytic": 1, "blastic": 2}.get(lesion["kind"], 0)
+            kind_stacks[case_id] = volume_to_slices(code[components])
         present = set(np.unique(kind_stacks[case_id][index][mask > 0]).tolist()) - {0}
         out.append({frozenset({1}): "lytic", frozenset({2}): "blastic"}.get(frozenset(present), "mixed"))
     return out
 
 
-def dice_by_kind(probs: list[np.ndarray], masks: list[np.ndarray], kinds: list[str], threshold: float) -> dict[str, str]:
-    """Mean Dice of the lesion slices of each kind, with their count."""
-    out = {}
-    for kind in ("lytic", "blastic", "mixed"):
-        dices = [2.0 * np.count_nonzero((m > 0) & (p >= threshold)) / (np.count_nonzero(m) + np.count_nonzero(p >= threshold))
-                 for p, m, k in zip(probs, masks, kinds, strict=True) if k == kind]
-        if dices:
-            out[kind] = f"{np.mean(dices):.3f} ({len(dices)} slices)"
-    return out
-
-
 def lesion_figure(root: Path, out: Path, per_kind: int = 6) -> None:
     """Crops (20 × 20 pixels) through the largest cross-section of the first lesions of each kind."""
-    import cc3d
     import matplotlib
 
     matplotlib.use("Agg")
@@ -118,13 +114,10 @@ def lesion_figure(root: Path, out: Path, per_kind: int = 6) -> None:
     for case in cohort["cases"]:
         if case["group"] != "patients" or not case["lesions"]:
             continue
-        folder = root / "patients" / case["case_id"]
-        hu, gt = read_image(folder / "CT.nii.gz").array, read_image(folder / "GT.nii.gz").array
-        components = cc3d.connected_components(gt > 0, connectivity=26)
-        by_size = {lesion["n_voxels"]: lesion for lesion in case["lesions"]}  # GT is binary: match by size
-        for label in range(1, int(components.max()) + 1):
-            lesion = by_size.get(int(np.count_nonzero(components == label)))
-            if lesion is None or len(crops[lesion["kind"]]) >= per_kind:
+        hu = read_image(root / "patients" / case["case_id"] / "CT.nii.gz").array
+        components, lesions = labelled_lesions(root, case)
+        for label, lesion in lesions.items():
+            if len(crops[lesion["kind"]]) >= per_kind:
                 continue
             z = int(np.argmax((components == label).sum(axis=(0, 1))))
             image, outline = to_display(hu[:, :, z]), to_display(components[:, :, z] == label)
@@ -181,10 +174,14 @@ def main(argv: list[str] | None = None) -> None:
         result = {}
         for name, slices in (("train", train), ("val", val)):
             probs = T.predict_slices(net, kind, slices.images, size, device=device)
+            dice = lesion_slice_dice(probs, slices.masks, threshold)
+            sizes = {i: size_bin(int(np.count_nonzero(slices.masks[i]))) for i in dice}
+            kinds = dict(enumerate(lesion_kinds(Path(args.data), slices)))
             result[name] = {
-                **scores(probs, slices.masks, threshold), "dice_by_lesion_pixels": dice_by_size(probs, slices.masks, threshold),
-                "dice_by_kind": dice_by_kind(probs, slices.masks, lesion_kinds(Path(args.data), slices), threshold),
-            }  # fmt: skip
+                **scores(probs, slices.masks, threshold),
+                "dice_by_lesion_pixels": mean_by_group(dice, sizes, tuple(n for n, _, _ in SIZE_BINS)),
+                "dice_by_kind": mean_by_group(dice, kinds, ("lytic", "blastic", "mixed")),
+            }
         print(json.dumps({"step": args.steps, **result}), flush=True)
         return {"dice": result["val"]["dice"], "iou": float("nan"), "dice_pooled": result["val"]["dice_pooled"]}
 
