@@ -202,6 +202,13 @@ class Slice2DConfig:
     seed: int = 42
     amp: bool = True  #: used only on a GPU
     augment: bool = True  #: paper 000: affine (p 0.7, ±20°, scale 0.9–1.1) and intensity jitter (p 0.8)
+    #: with ``augment``, the U-Net's slices are also mirrored left-right (p 0.5): nnU-Net's default
+    #: augmentation mirrors, and paper 000 trained its U-Net with nnU-Net's defaults
+    unet_mirror: bool = True
+    #: the intensity jitter for the U-Net too (off: it shifts a slice by up to ±180 HU and scales it by
+    #: ±20 %, which erases the calibrated HU that tell a 1000-HU bone island from a blastic lesion;
+    #: benchmarks/slice2d_learning.md, round 4). The foundation and SAM models always jitter, as paper 000.
+    unet_intensity_jitter: bool = False
     # zero-shot prompting (paper 001)
     sam_family: Literal["sam", "medsam"] = "sam"  #: medsam: box strategies only
     component_rule: Literal["and", "or"] = "and"  #: and: the authors' code; or: the paper text

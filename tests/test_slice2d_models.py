@@ -14,6 +14,7 @@ from sap.config import Slice2DConfig
 from sap.data.io import make_geometry, read_image, write_image
 from sap.errors import SapError
 from sap.slice2d import prompts as p
+from sap.slice2d.data import SliceSet
 from sap.slice2d.metrics import dice_iou
 from sap.slice2d.models import (
     ModelSpec,
@@ -530,3 +531,50 @@ def test_augmentation_moves_image_and_mask_together():
     assert torch.equal(ix, x) and torch.equal(iy, y)
     jx, jy = augment_batch(x * 0.5 + 0.25, y, torch.Generator().manual_seed(1), p_affine=0.0, p_intensity=1.0)
     assert torch.equal(jy, y) and not torch.equal(jx, x * 0.5 + 0.25) and jx.min() >= 0 and jx.max() <= 1
+
+
+def test_mirroring_flips_image_and_mask_left_right_together():
+    from sap.slice2d.train import augment_batch
+
+    x = torch.rand(16, 1, 12, 10, generator=torch.Generator().manual_seed(3))
+    y = torch.zeros_like(x)
+    y[:, :, 4:7, 1:3] = 1.0  # left of the midline: a mirrored mask is on the other side
+    off = dict(p_affine=0.0, p_intensity=0.0)
+    ax, ay = augment_batch(x, y, torch.Generator().manual_seed(0), p_mirror=1.0, **off)
+    assert torch.equal(ax, x.flip(-1)) and torch.equal(ay, y.flip(-1)) and ay[:, :, 4:7, 7:9].all()
+    hx, hy = augment_batch(x, y, torch.Generator().manual_seed(0), p_mirror=0.5, **off)
+    flipped = [torch.equal(hx[i], x[i].flip(-1)) for i in range(16)]
+    assert 0 < sum(flipped) < 16  # some mirrored, some not
+    for i, was_flipped in enumerate(flipped):
+        assert torch.equal(hy[i], y[i].flip(-1) if was_flipped else y[i])  # the mask follows its image
+        assert was_flipped or torch.equal(hx[i], x[i])
+    # without mirroring no random number is drawn for it: the other transforms repeat exactly
+    gen_a, gen_b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    augment_batch(x, y, gen_a)
+    augment_batch(x, y, gen_b, p_mirror=0.0)
+    assert torch.equal(gen_a.get_state(), gen_b.get_state())
+
+
+def test_the_unet_is_mirrored_and_not_jittered_by_default(monkeypatch, tmp_path):
+    import sap.slice2d.train as T
+
+    seen = []
+    real_augment = T.augment_batch
+
+    def recording(x, y, generator, **kw):
+        seen.append(kw)
+        return real_augment(x, y, generator, **kw)
+
+    monkeypatch.setattr(T, "augment_batch", recording)
+    images, masks = disc_batch(4)
+    train = SliceSet(images=images, masks=masks, case_ids=["a"] * 4, slice_index=list(range(4)), spacing=[(1.0, 1.0)] * 4)
+    cases = (
+        ("unet", {}, {"p_mirror": 0.5, "p_intensity": 0.0}),
+        ("unet", {"unet_mirror": False, "unet_intensity_jitter": True}, {"p_mirror": 0.0}),
+        ("foundation", {}, {}),  # paper 000's recipe: the default jitter, no mirror
+    )
+    for kind, overrides, expected in cases:
+        settings = Slice2DConfig(image_size=SIZE, max_steps=1, val_every_steps=1, batch_size=2, **overrides)
+        spec = SPECS[kind][0]()
+        T.fit(build_model(spec), spec, train, None, settings, tmp_path / f"{kind}_{len(seen)}", "lesions", progress=False)
+        assert seen[-1] == expected, (kind, overrides)

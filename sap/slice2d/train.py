@@ -13,6 +13,10 @@ decay with exponent 0.9, ``slice2d.unet_lr``); the foundation and SAM models use
 (``slice2d.lr``, ``slice2d.weight_decay``) with cosine decay, as paper 000 trains them.
 Augmentation (``slice2d.augment``, :func:`augment_batch`) follows paper 000 without its elastic
 deformation: random rotation ±20° and scaling 0.9–1.1 (p 0.7), brightness/contrast jitter (p 0.8).
+The U-Net (:func:`augment_settings`) is mirrored left-right (p 0.5, ``slice2d.unet_mirror``), as
+nnU-Net's default augmentation that paper 000 trained it with, and is not jittered
+(``slice2d.unet_intensity_jitter``): CT numbers are calibrated, and a shift of up to ±180 HU makes a
+bone island (1000 HU) look like a blastic lesion.
 """
 
 from __future__ import annotations
@@ -190,11 +194,15 @@ def augment_batch(
     scale_range: tuple[float, float] = (0.9, 1.1),
     p_intensity: float = 0.8,
     jitter: float = 0.2,
+    p_mirror: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Paper 000's augmentation, per sample: a random rotation and scaling (probability
     ``p_affine``; image bilinear, mask nearest, the same transform) and brightness/contrast jitter
     of the image (probability ``p_intensity``), clipped back to [0, 1]. Elastic deformation is not
-    applied. Random numbers come from ``generator`` (CPU), so runs and resumed runs repeat.
+    applied. ``p_mirror``: then a left-right mirror of image and mask (the display columns run
+    from the patient's right to left). Random numbers come from ``generator`` (CPU), so runs and
+    resumed runs repeat; with ``p_mirror`` 0 no number is drawn for it, so the other transforms
+    draw the same numbers as without it.
     """
     b = x.shape[0]
     rand = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731
@@ -216,7 +224,20 @@ def augment_batch(
         g = torch.where(use_intensity, gain, torch.ones(b)).to(x.device, x.dtype).view(b, 1, 1, 1)
         o = torch.where(use_intensity, shift, torch.zeros(b)).to(x.device, x.dtype).view(b, 1, 1, 1)
         x = torch.clamp(x * g + o, 0.0, 1.0)
+    if p_mirror > 0:
+        mirrored = (rand(b) < p_mirror).to(x.device)
+        x = torch.where(mirrored.view(b, 1, 1, 1), x.flip(-1), x)
+        y = torch.where(mirrored.view(b, 1, 1, 1), y.flip(-1), y)
     return x, y
+
+
+def augment_settings(kind: str, settings: Slice2DConfig) -> dict[str, float]:
+    """The :func:`augment_batch` probabilities for a model kind: paper 000's recipe for the
+    foundation and SAM models; for the U-Net a left-right mirror (``unet_mirror``) and no
+    intensity jitter unless ``unet_intensity_jitter``."""
+    if kind != "unet":
+        return {}
+    return {"p_mirror": 0.5 if settings.unet_mirror else 0.0, **({} if settings.unet_intensity_jitter else {"p_intensity": 0.0})}
 
 
 @torch.no_grad()
@@ -358,12 +379,13 @@ def fit(
         sampler = SliceSampler([bool(m.any()) for m in train.masks], settings.batch_size, settings.positive_fraction, ctx.generator)
         order = BatchOrder(sampler, torch.Generator().manual_seed(settings.seed))
         loss_fn = make_loss(kind)
+        augment_kwargs = augment_settings(kind, settings)
 
         def draw_batch() -> tuple[torch.Tensor, torch.Tensor]:
             idx = sampler.next_batch()
             x, y = to_batch([train.images[i] for i in idx], [train.masks[i] for i in idx], spec.image_size)
             if settings.augment:  # on the CPU, with the saved generator: resumed runs repeat
-                x, y = augment_batch(x, y, order.augment_rng)
+                x, y = augment_batch(x, y, order.augment_rng, **augment_kwargs)
             return x.to(ctx.device), y.to(ctx.device)
 
         def step(net: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
