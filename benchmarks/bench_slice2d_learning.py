@@ -25,7 +25,10 @@ sap it measured. ``--report A.json B.json`` prints the Markdown tables of severa
     sap synth --preset demo --modality ct --out /tmp/ct_demo
     OMP_NUM_THREADS=1 python benchmarks/bench_slice2d_learning.py --data /tmp/ct_demo --config demo \\
         --steps 1500 --every 100 --runs 3 --recipes sap,peer --out after.json
-    python benchmarks/bench_slice2d_learning.py --report before.json after.json
+    python benchmarks/bench_slice2d_learning.py --report before.json after.json --plot curves.png
+
+``--plot`` draws the per-slice Dice of every result file against CPU-seconds, one panel per
+cohort, with the target (0.5) and the 5-CPU-minute budget.
 """
 
 from __future__ import annotations
@@ -317,6 +320,40 @@ def report(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot(results: list[dict], path: Path) -> None:
+    """Per-slice validation Dice against training CPU-seconds, one panel per cohort (``data.root``);
+    a curve per result file and recipe, each label in the same colour in every panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def label(res: dict, name: str) -> str:
+        return res["label"] if name == "sap" else f"MONAI {name} (run of {res['label']})"
+
+    labels = list(dict.fromkeys(label(res, name) for res in results for name in res["curves"]))
+    colour = {name: plt.cm.tab10(k % 10) for k, name in enumerate(labels)}
+    roots = list(dict.fromkeys(res["data"]["root"] for res in results))
+    fig, axes = plt.subplots(1, len(roots), figsize=(4.2 * len(roots), 4.0), sharey=True, squeeze=False)
+    for ax, root in zip(axes[0], roots, strict=True):
+        for res in (r for r in results if r["data"]["root"] == root):
+            for name, runs in res["curves"].items():
+                for k, curve in enumerate(runs):
+                    ax.plot([p["cpu_s"] for p in curve], [p["dice"] for p in curve], marker=".", color=colour[label(res, name)],
+                            label=label(res, name) if k == 0 else None)  # fmt: skip
+        ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+        ax.axvline(300, color="grey", lw=0.8, ls=":")
+        ax.set_title(Path(root).name, fontsize=9)
+        ax.set_xlabel("training CPU-seconds (1 thread)")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7, loc="upper left")
+    axes[0][0].set_ylabel("validation Dice per slice (SPEC §11)")
+    fig.suptitle("2D U-Net on demo CT cohorts: dashed = target 0.5, dotted = 5 CPU-minutes", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     import sys
 
@@ -333,9 +370,13 @@ def main() -> None:
     parser.add_argument("--label", default="sap")
     parser.add_argument("--out", type=Path, help="write the results as JSON")
     parser.add_argument("--report", nargs="+", type=Path, help="print the Markdown tables of result files and exit")
+    parser.add_argument("--plot", type=Path, help="with --report: also draw the per-slice Dice curves to this PNG")
     args = parser.parse_args()
     if args.report:
-        print(report([json.loads(p.read_text()) for p in args.report]))
+        results = [json.loads(p.read_text()) for p in args.report]
+        print(report(results))
+        if args.plot:
+            plot(results, args.plot)
         return
     if args.data is None:
         parser.error("--data is required")
