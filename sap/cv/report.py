@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from sap import RESEARCH_USE_ONLY, __version__
-from sap.cv.rundir import METHOD_LABELS, load_run_config
+from sap.cv.rundir import METHOD_LABELS, load_run_config, manifest_commits
 from sap.errors import SapError
 from sap.files import atomic_write_text, check_not_input, staged_folder
 from sap.run_layout import ALL_METHODS, METHODS, REFERENCE, RunDir
@@ -670,7 +670,7 @@ def provenance_text(manifest: dict) -> str:
     commit(s) from ``manifest.json`` (every commit that ran ``sap cv`` or ``sap report`` on the run,
     oldest first), the builder's version only when it differs."""
     ran_version = (manifest.get("packages") or {}).get("sap")
-    commits = manifest.get("git_commits") or ([manifest["git_commit"]] if manifest.get("git_commit") else [])
+    commits = manifest_commits(manifest)
     ran = f"Run with sap {ran_version or '?'}, config hash {manifest.get('config_hash', '?')}, git "
     ran += ", then ".join(c[:12] + ("+dirty" if c.endswith("+dirty") else "") for c in commits) if commits else "n/a"
     built = f"; report built by sap {__version__}" if ran_version != __version__ else ""

@@ -188,6 +188,14 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
+def manifest_commits(manifest: dict) -> list[str]:
+    """Every git commit that ran ``sap cv`` or ``sap report`` on a run, oldest first, from its
+    manifest; a manifest of an earlier sap holds only ``git_commit``, the latest one."""
+    if manifest.get("git_commits"):
+        return list(manifest["git_commits"])
+    return [manifest["git_commit"]] if manifest.get("git_commit") else []
+
+
 def git_commit() -> str | None:
     """Commit of the sap source tree when it is a git checkout (with ``+dirty`` for local edits)."""
     source = Path(__file__).resolve().parents[2]
@@ -223,7 +231,7 @@ def write_manifest(run: RunDir, cfg: Config, methods: list[str], extra: dict[str
         except json.JSONDecodeError:
             previous = {}
     commit = git_commit()
-    commits = list(previous.get("git_commits") or ([previous["git_commit"]] if previous.get("git_commit") else []))
+    commits = manifest_commits(previous)
     if commit and commit not in commits:
         commits.append(commit)
     manifest = {
