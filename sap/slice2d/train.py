@@ -237,7 +237,10 @@ def augment_settings(kind: str, settings: Slice2DConfig) -> dict[str, float]:
     intensity jitter unless ``unet_intensity_jitter``."""
     if kind != "unet":
         return {}
-    return {"p_mirror": 0.5 if settings.unet_mirror else 0.0, **({} if settings.unet_intensity_jitter else {"p_intensity": 0.0})}
+    probabilities = {"p_mirror": 0.5 if settings.unet_mirror else 0.0}
+    if not settings.unet_intensity_jitter:
+        probabilities["p_intensity"] = 0.0
+    return probabilities
 
 
 @torch.no_grad()
