@@ -209,6 +209,11 @@ class Slice2DConfig:
     #: ±20 %, which erases the calibrated HU that tell a 1000-HU bone island from a blastic lesion;
     #: benchmarks/slice2d_learning.md, round 4). The foundation and SAM models always jitter, as paper 000.
     unet_intensity_jitter: bool = False
+    #: the U-Net's CE term averaged over the hardest k % of each batch's pixels (nnU-Net's Dice +
+    #: top-k loss variant, k 10 there); null: over all pixels (paper 000's Dice + CE). With the plain
+    #: mean the demo U-Net never learns lytic lesions beside blastic ones; top-k learns both, but its
+    #: validation Dice is not better across the demo seeds (benchmarks/slice2d_learning.md, round 5)
+    unet_ce_topk_percent: float | None = None
     # zero-shot prompting (paper 001)
     sam_family: Literal["sam", "medsam"] = "sam"  #: medsam: box strategies only
     component_rule: Literal["and", "or"] = "and"  #: and: the authors' code; or: the paper text
@@ -418,6 +423,9 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
     pf = cfg.slice2d.positive_fraction
     if pf is not None and not 0.0 <= pf <= 1.0:
         problems.append(f"slice2d.positive_fraction: {pf} must be between 0 and 1 (or null)")
+    topk = cfg.slice2d.unet_ce_topk_percent
+    if topk is not None and not (math.isfinite(topk) and 0.0 < topk <= 100.0):
+        problems.append(f"slice2d.unet_ce_topk_percent: {topk} must be a percentage in (0, 100] (or null)")
     if cfg.cv.k < 3:
         problems.append(f"cv.k: {cfg.cv.k} must be at least 3 (tuning fold + two test folds)")
 

@@ -91,3 +91,11 @@ def test_allowed_values_live_beside_their_fields_and_every_offence_is_listed():
                  "cv.methods: 'imagenet' is not one of baseline, scratch, ssl, sap",
                  "evaluate.connectivity: 8 is not one of 6, 18, 26", "model.feature_sise: unknown key"):  # fmt: skip
         assert part in message
+
+
+@pytest.mark.parametrize("value", [0, -1, 150, float("nan")])
+def test_the_unet_topk_share_must_be_a_percentage(value):
+    with pytest.raises(ConfigError, match=r"slice2d.unet_ce_topk_percent: .* must be a percentage in \(0, 100\]"):
+        config_from_dict({"slice2d": {"unet_ce_topk_percent": value}}, "x.yaml")
+    assert config_from_dict({"slice2d": {"unet_ce_topk_percent": None}}).slice2d.unet_ce_topk_percent is None
+    assert config_from_dict({"slice2d": {"unet_ce_topk_percent": 100}}).slice2d.unet_ce_topk_percent == 100

@@ -123,3 +123,44 @@ def test_loss_gives_empty_slices_no_dice_of_their_own_and_keeps_its_terms():
     # foreground, not a Dice of its own that is 0 only when it predicts (almost) nothing
     loss(logits[:1], y[:1])
     assert dice == pytest.approx(loss.last_terms[0], abs=0.02) and dice > 0.9
+
+
+def per_pixel_ce(logits: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    """Softmax cross-entropy of every pixel, written out: log-sum-exp minus the true class's logit."""
+    z = logits.double().numpy()
+    label = y[:, 0].long().numpy()
+    log_sum = np.log(np.exp(z).sum(axis=1))
+    true = np.take_along_axis(z, label[:, None], axis=1)[:, 0]
+    return (log_sum - true).ravel()
+
+
+def test_topk_ce_averages_the_hardest_pixels_only():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 2, 5, 4, generator=gen) * 3
+    y = (torch.rand(2, 1, 5, 4, generator=gen) < 0.3).float()
+    ce = per_pixel_ce(logits, y)  # 40 pixels
+    expected = {None: ce.mean(), 100.0: ce.mean(), 10.0: np.sort(ce)[-4:].mean(), 1.0: ce.max()}
+    for percent, value in expected.items():
+        loss = make_loss("unet", ce_topk_percent=percent)
+        total = loss(logits, y)
+        dice, term = loss.last_terms
+        assert term == pytest.approx(value, rel=1e-5), percent
+        assert float(total) == pytest.approx(dice + term, rel=1e-5)
+    with pytest.raises(ValueError, match="ce_topk_percent"):
+        make_loss("unet", ce_topk_percent=0.0)
+
+
+def test_topk_ce_keeps_pulling_a_confidently_missed_lesion_pixel():
+    """One lesion pixel the network calls background with confidence, among 63 easy background
+    pixels: its softmax is saturated, so the Dice gradient is nearly nil, and the plain CE divides
+    its pull by all 64 pixels; over the hardest 2 % (2 pixels) the pull is 32 times stronger."""
+    logits = torch.zeros(1, 2, 8, 8)
+    logits[:, 0] = 8.0  # background everywhere, p(lesion) ~ 3e-4
+    y = torch.zeros(1, 1, 8, 8)
+    y[0, 0, 3, 3] = 1
+    pulls = {}
+    for percent in (None, 2.0):
+        x = logits.clone().requires_grad_(True)
+        make_loss("unet", ce_topk_percent=percent)(x, y).backward()
+        pulls[percent] = -float(x.grad[0, 1, 3, 3])  # gradient descent raises the lesion logit by this
+    assert pulls[None] > 0 and pulls[2.0] > 20 * pulls[None]

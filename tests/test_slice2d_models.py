@@ -578,3 +578,23 @@ def test_the_unet_is_mirrored_and_not_jittered_by_default(monkeypatch, tmp_path)
         spec = SPECS[kind][0]()
         T.fit(build_model(spec), spec, train, None, settings, tmp_path / f"{kind}_{len(seen)}", "lesions", progress=False)
         assert seen[-1] == expected, (kind, overrides)
+
+
+def test_the_unet_averages_its_ce_over_the_hardest_pixels_when_asked(monkeypatch, tmp_path):
+    import sap.slice2d.train as T
+
+    asked = []
+    real_make_loss = T.make_loss
+
+    def recording(kind, ce_topk_percent=None):
+        asked.append((kind, ce_topk_percent))
+        return real_make_loss(kind, ce_topk_percent)
+
+    monkeypatch.setattr(T, "make_loss", recording)
+    images, masks = disc_batch(4)
+    train = SliceSet(images=images, masks=masks, case_ids=["a"] * 4, slice_index=list(range(4)), spacing=[(1.0, 1.0)] * 4)
+    for kind, overrides in (("unet", {}), ("unet", {"unet_ce_topk_percent": 10.0}), ("foundation", {"unet_ce_topk_percent": 10.0})):
+        settings = Slice2DConfig(image_size=SIZE, max_steps=1, val_every_steps=1, batch_size=2, **overrides)
+        spec = SPECS[kind][0]()
+        T.fit(build_model(spec), spec, train, None, settings, tmp_path / f"{kind}_{len(asked)}", "lesions", progress=False)
+    assert asked == [("unet", None), ("unet", 10.0), ("foundation", None)]

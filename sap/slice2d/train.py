@@ -16,7 +16,10 @@ deformation: random rotation ±20° and scaling 0.9–1.1 (p 0.7), brightness/co
 The U-Net (:func:`augment_settings`) is mirrored left-right (p 0.5, ``slice2d.unet_mirror``), as
 nnU-Net's default augmentation that paper 000 trained it with, and is not jittered
 (``slice2d.unet_intensity_jitter``): CT numbers are calibrated, and a shift of up to ±180 HU makes a
-bone island (1000 HU) look like a blastic lesion.
+bone island (1000 HU) look like a blastic lesion. Its loss is paper 000's Dice + CE;
+``slice2d.unet_ce_topk_percent`` averages the CE over the hardest k % of pixels instead (nnU-Net's
+Dice + top-k variant, :func:`sap.slice2d.models.make_loss`), with which the demo U-Net learns
+lytic lesions beside blastic ones.
 """
 
 from __future__ import annotations
@@ -381,7 +384,7 @@ def fit(
         optimizer, schedule = make_optimizer(kind, model, settings, settings.max_steps)
         sampler = SliceSampler([bool(m.any()) for m in train.masks], settings.batch_size, settings.positive_fraction, ctx.generator)
         order = BatchOrder(sampler, torch.Generator().manual_seed(settings.seed))
-        loss_fn = make_loss(kind)
+        loss_fn = make_loss(kind, settings.unet_ce_topk_percent if kind == "unet" else None)
         augment_kwargs = augment_settings(kind, settings)
 
         def draw_batch() -> tuple[torch.Tensor, torch.Tensor]:
