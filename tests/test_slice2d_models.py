@@ -583,12 +583,13 @@ def test_the_unet_is_mirrored_and_not_jittered_by_default(monkeypatch, tmp_path)
 def test_the_unet_averages_its_ce_over_the_hardest_pixels_when_asked(monkeypatch, tmp_path):
     import sap.slice2d.train as T
 
-    asked = []
+    asked = []  # the loss fit trains with: its kind and the top-k share its CE uses
     real_make_loss = T.make_loss
 
     def recording(kind, ce_topk_percent=None):
-        asked.append((kind, ce_topk_percent))
-        return real_make_loss(kind, ce_topk_percent)
+        loss = real_make_loss(kind, ce_topk_percent)
+        asked.append((kind, loss.ce_topk_percent))
+        return loss
 
     monkeypatch.setattr(T, "make_loss", recording)
     images, masks = disc_batch(4)

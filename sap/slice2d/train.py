@@ -384,7 +384,7 @@ def fit(
         optimizer, schedule = make_optimizer(kind, model, settings, settings.max_steps)
         sampler = SliceSampler([bool(m.any()) for m in train.masks], settings.batch_size, settings.positive_fraction, ctx.generator)
         order = BatchOrder(sampler, torch.Generator().manual_seed(settings.seed))
-        loss_fn = make_loss(kind, settings.unet_ce_topk_percent if kind == "unet" else None)
+        loss_fn = make_loss(kind, settings.unet_ce_topk_percent)  # the top-k share applies to the U-Net only
         augment_kwargs = augment_settings(kind, settings)
 
         def draw_batch() -> tuple[torch.Tensor, torch.Tensor]:
